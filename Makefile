@@ -1,0 +1,54 @@
+# dlilabs: `make help` lists the targets. Every target sets itself up (.venv, installs) first;
+# re-running one installs nothing unless pyproject.toml changed.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+BIN    := $(VENV)/bin
+export PATH := $(abspath $(BIN)):$(PATH)
+
+.DEFAULT_GOAL := help
+.PHONY: help install dev test test-fast lint format demo repro bench ui clean
+
+help: ## List the targets
+	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+
+$(VENV)/.installed: pyproject.toml | $(PY)
+	$(PY) -m pip install --quiet -e .
+	touch $@
+
+$(VENV)/.installed-dev: pyproject.toml $(VENV)/.installed
+	$(PY) -m pip install --quiet -e '.[dev]'
+	touch $@
+
+install: $(VENV)/.installed ## Create .venv and install dlilabs
+dev: $(VENV)/.installed-dev ## Install dlilabs with the dev tools (pytest, ruff)
+
+test: dev ## Run every test (the CI command)
+	$(PY) -m pytest
+
+test-fast: dev ## Run the fast tests only (skip dvc repro and training runs)
+	$(PY) -m pytest -m "not slow"
+
+lint: dev ## Check style with ruff
+	$(BIN)/ruff check src tests scripts
+	$(BIN)/ruff format --check src tests scripts
+
+format: dev ## Reformat with ruff
+	$(BIN)/ruff check --fix src tests scripts
+	$(BIN)/ruff format src tests scripts
+
+demo: install ## Whole pipeline offline on bundled real MNIST rows (a few minutes)
+	$(PY) -m dlilabs.demo
+
+repro: install ## Full reproduction: download the datasets, train and evaluate every lab
+	$(BIN)/dvc repro
+
+bench: dev ## Print speed and memory ratios measured side by side
+	$(PY) scripts/bench.py
+
+clean: ## Remove pipeline outputs and logs (keeps .venv and the MLflow store)
+	rm -rf data models eval logs build

@@ -1,0 +1,72 @@
+"""Keras 3 models built from the `model` config group, layer lists spelled out as in LABS.md."""
+
+from __future__ import annotations
+
+import keras
+from keras import layers
+from omegaconf import DictConfig
+
+
+def build_mlp(
+    input_shape: tuple[int, ...], num_classes: int, hidden_units=(512, 512), activation="relu"
+) -> keras.Model:
+    """Labs 1-2: images (batch, 28, 28) -> Flatten(784) -> Dense relu ... -> softmax (batch, classes)."""
+    model = keras.Sequential(name="mlp")
+    model.add(keras.Input(shape=input_shape, name="image"))
+    model.add(layers.Flatten())
+    for units in hidden_units:
+        model.add(layers.Dense(units, activation=activation))
+    # float32 softmax keeps probabilities exact when mixed precision computes in float16.
+    model.add(layers.Dense(num_classes, activation="softmax", dtype="float32", name="probabilities"))
+    return model
+
+
+def build_cnn(
+    input_shape: tuple[int, ...],
+    num_classes: int,
+    conv_blocks=({"filters": 75, "dropout": 0.0}, {"filters": 50, "dropout": 0.2},
+                 {"filters": 25, "dropout": 0.0}),
+    kernel_size: int = 3,
+    pool_size: int = 2,
+    dense_units: int = 512,
+    dropout: float = 0.3,
+) -> keras.Model:
+    """Labs 3-4: images (batch, 28, 28) -> (28, 28, 1) -> [Conv2D relu -> (Dropout) -> BatchNorm
+    -> MaxPool] x 3 -> Flatten -> Dense relu -> Dropout -> softmax (batch, classes)."""
+    model = keras.Sequential(name="cnn")
+    model.add(keras.Input(shape=input_shape, name="image"))
+    model.add(layers.Reshape((*input_shape[:2], 1)))
+    for block in conv_blocks:
+        model.add(layers.Conv2D(block["filters"], kernel_size, padding="same", activation="relu"))
+        if block["dropout"]:
+            model.add(layers.Dropout(block["dropout"]))
+        model.add(layers.BatchNormalization())
+        model.add(layers.MaxPool2D(pool_size, strides=2, padding="same"))
+    model.add(layers.Flatten())
+    model.add(layers.Dense(dense_units, activation="relu"))
+    model.add(layers.Dropout(dropout))
+    model.add(layers.Dense(num_classes, activation="softmax", dtype="float32", name="probabilities"))
+    return model
+
+
+def build_linear(units: int = 1) -> keras.Model:
+    """Warm-up: x (batch, 1) -> y = m*x + b (batch, units)."""
+    return keras.Sequential(
+        [keras.Input(shape=(1,), name="x"), layers.Dense(units, name="line")], name="linear"
+    )
+
+
+def build_model(model_cfg: DictConfig, input_shape=(28, 28), num_classes: int = 10) -> keras.Model:
+    """Build the model a `model` config group entry describes (not compiled)."""
+    if model_cfg.name == "mlp":
+        return build_mlp(tuple(input_shape), num_classes, list(model_cfg.hidden_units),
+                         model_cfg.activation)
+    if model_cfg.name == "cnn":
+        return build_cnn(
+            tuple(input_shape), num_classes,
+            [dict(block) for block in model_cfg.conv_blocks],
+            model_cfg.kernel_size, model_cfg.pool_size, model_cfg.dense_units, model_cfg.dropout,
+        )
+    if model_cfg.name == "linear":
+        return build_linear(model_cfg.units)
+    raise ValueError(f"unknown model.name {model_cfg.name!r}: expected mlp, cnn or linear")
