@@ -90,5 +90,8 @@ def stage_main(task: Callable[[DictConfig], object]) -> Callable[[], None]:
             log.error("%s", error)
             print(f"error: {error}", file=sys.stderr)
             sys.exit(2)
+        except KeyboardInterrupt as interrupt:
+            log.error("interrupted (%s); the MLflow run, if any, is marked KILLED", interrupt)
+            sys.exit(130)
 
     return hydra.main(config_path=config_dir(), config_name="config", version_base="1.3")(guarded)

@@ -1,0 +1,89 @@
+"""The warm-up lab: fit y = m*x + b to ten points with a one-unit Keras model, and compare
+with the closed-form least-squares fit, whose MSE is the floor any optimizer can reach."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import mlflow
+import numpy as np
+from omegaconf import DictConfig, OmegaConf
+
+from dlilabs import tracking
+from dlilabs.io import write_json
+
+log = logging.getLogger(__name__)
+
+
+def least_squares(x: np.ndarray, y: np.ndarray) -> dict[str, float]:
+    """Closed-form fit of y = m*x + b to points x (n,), y (n,): slope, intercept and its MSE."""
+    slope, intercept = np.polyfit(x, y, deg=1)
+    mse = float(np.mean((slope * x + intercept - y) ** 2))
+    return {"slope": float(slope), "intercept": float(intercept), "mse": mse}
+
+
+def fit_line(x: np.ndarray, y: np.ndarray, trainer: DictConfig):
+    """Fit the one-unit model to x (n,), y (n,) with the trainer's optimizer inside an active
+    MLflow run. Returns (model, history rows, {"slope", "intercept", "mse"})."""
+    import tensorflow as tf
+
+    from dlilabs.models import build_linear
+    from dlilabs.train import make_optimizer
+
+    model = build_linear()
+    model.compile(optimizer=make_optimizer(trainer.optimizer, trainer.learning_rate),
+                  loss=trainer.loss)
+    epoch_logger = tracking.EpochLogger()
+    inputs = x.reshape(-1, 1).astype(np.float32)
+    # A repeated dataset with a fixed number of steps lets Keras keep one iterator for all
+    # epochs; a fresh iterator per epoch costs more than the 10-point epoch itself.
+    points = tf.data.Dataset.from_tensor_slices((inputs, y.astype(np.float32)))
+    batches = points.batch(trainer.batch_size).repeat()
+    steps = -(-len(x) // trainer.batch_size)
+    try:
+        model.fit(batches, epochs=trainer.epochs, steps_per_epoch=steps, verbose=0,
+                  callbacks=[epoch_logger])
+    finally:
+        epoch_logger.flush()
+    weights, bias = model.layers[-1].get_weights()
+    predictions = model.predict(inputs, verbose=0).ravel()
+    fitted = {"slope": float(weights.ravel()[0]), "intercept": float(bias[0]),
+              "mse": float(np.mean((predictions - y) ** 2))}
+    return model, epoch_logger.rows, fitted
+
+
+def fit_line_lab(cfg: DictConfig) -> dict:
+    """Run the line-fit lab as one MLflow run; write models/line_fit/* and eval/line_fit/."""
+    from dlilabs.train import save_outputs, seed_everything
+
+    seed_everything(cfg.trainer.seed, cfg.trainer.deterministic)
+    x = np.asarray(cfg.dataset.x, dtype=np.float64)
+    y = np.asarray(cfg.dataset.y, dtype=np.float64)
+    floor = least_squares(x, y)
+    experiment_id = tracking.connect(cfg.tracking)
+    tags = tracking.run_tags(cfg, "line_fit", {"device": "cpu", "task": "regression"})
+    with tracking.lab_run(cfg.lab, tags) as run:
+        mlflow.log_params(tracking.flatten_config(cfg))
+        mlflow.log_text(OmegaConf.to_yaml(cfg, resolve=True), "config.yaml")
+        model, rows, fitted = fit_line(x, y, cfg.trainer)
+        metrics = {
+            "fit/mse": fitted["mse"], "fit/slope": fitted["slope"],
+            "fit/intercept": fitted["intercept"], "floor/mse": floor["mse"],
+            "floor/slope": floor["slope"], "floor/intercept": floor["intercept"],
+            # How far the optimizer stopped above the best any line can do.
+            "gap/mse": fitted["mse"] - floor["mse"],
+        }
+        mlflow.log_metrics(metrics)
+        registered = cfg.tracking.model_name if cfg.tracking.register_models else None
+        model_info = tracking.log_keras_model(model, x[:3].reshape(-1, 1).astype(np.float32),
+                                              registered)
+        run_info = {"lab": cfg.lab, "run_id": run.info.run_id, "experiment_id": experiment_id,
+                    "model_uri": model_info.model_uri, "registered_model": registered,
+                    "epochs": len(rows), **metrics}
+        save_outputs(Path(cfg.paths.model_dir), model, rows, run_info)
+        write_json(Path(cfg.paths.eval_dir) / "metrics.json", metrics)
+    log.info("line_fit (%s): y = %.4f x + %.4f, MSE %.3f; least squares y = %.4f x + %.4f, "
+             "MSE %.3f", cfg.trainer.optimizer, fitted["slope"], fitted["intercept"],
+             fitted["mse"], floor["slope"], floor["intercept"], floor["mse"])
+    return run_info
