@@ -87,7 +87,7 @@ def stage_main(task: Callable[[DictConfig], object]) -> Callable[[], None]:
         try:
             return task(cfg)
         except UserError as error:
-            log.error("%s", error)
+            # stderr, not the log: Hydra's console log goes to stdout, errors should not.
             print(f"error: {error}", file=sys.stderr)
             sys.exit(2)
         except KeyboardInterrupt as interrupt:

@@ -1,0 +1,119 @@
+"""evaluate stage: `python -m dlilabs.evaluate experiment=<lab>` scores the trained model.
+
+Loads `model.keras` (safe mode) and the prepared splits; writes to `paths.eval_dir`:
+`metrics.json` (DVC metrics: loss and accuracy on both splits, the gap, per-class accuracy)
+and `confusion.csv` (one row per validation image, actual and predicted class name: DVC's
+confusion template counts them). Logs the same metrics, the confusion matrix and a per-class
+table to the lab's MLflow run, whose id the train stage left in `run.json`.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import keras
+import mlflow
+import numpy as np
+import pandas as pd
+from omegaconf import DictConfig
+from sklearn.metrics import confusion_matrix
+
+from dlilabs import tracking
+from dlilabs.config import stage_main
+from dlilabs.errors import UserError
+from dlilabs.io import atomic_path, read_json, write_json
+
+log = logging.getLogger(__name__)
+
+
+def load_trained(model_dir: Path) -> tuple[keras.Model, dict]:
+    """The saved model (safe mode: no arbitrary code) and the train stage's run.json."""
+    model_file, run_file = model_dir / "model.keras", model_dir / "run.json"
+    for required in (model_file, run_file):
+        if not required.is_file():
+            raise UserError(f"{required} does not exist: run the train stage first "
+                            f"(`dvc repro train@{model_dir.name}`)")
+    return keras.saving.load_model(model_file, safe_mode=True), read_json(run_file)
+
+
+def score(model: keras.Model, images: np.ndarray, labels: np.ndarray, num_classes: int,
+          batch_size: int = 256) -> tuple[float, float, np.ndarray]:
+    """uint8 images (n, 28, 28), int labels (n,) -> (mean cross-entropy, accuracy,
+    predicted class indices (n,))."""
+    probabilities = model.predict(images.astype(np.float32) / 255.0, batch_size=batch_size,
+                                  verbose=0)
+    one_hot = keras.utils.to_categorical(labels, num_classes)
+    loss = float(np.mean(keras.losses.categorical_crossentropy(one_hot, probabilities)))
+    predictions = probabilities.argmax(axis=1)
+    return loss, float(np.mean(predictions == labels)), predictions
+
+
+def class_report(labels: np.ndarray, predictions: np.ndarray, class_names: list[str]
+                 ) -> tuple[np.ndarray, dict[str, float]]:
+    """Confusion matrix (classes, classes) with rows = actual, and accuracy per class name
+    (recall; NaN-free: a class absent from `labels` gets 0.0)."""
+    matrix = confusion_matrix(labels, predictions, labels=range(len(class_names)))
+    totals = matrix.sum(axis=1)
+    per_class = np.divide(matrix.diagonal(), totals, out=np.zeros(len(totals)), where=totals > 0)
+    return matrix, {name: float(value) for name, value in zip(class_names, per_class, strict=True)}
+
+
+def evaluate_lab(cfg: DictConfig) -> dict:
+    """Score the lab's model on both splits, write metrics.json and confusion.csv, log to the
+    lab's MLflow run. Returns the metrics dict written to metrics.json."""
+    from dlilabs.data import load_split
+
+    model, run_info = load_trained(Path(cfg.paths.model_dir))
+    prepared, eval_dir = Path(cfg.paths.prepared_dir), Path(cfg.paths.eval_dir)
+    class_names = [str(name) for name in cfg.dataset.class_names]
+    num_classes = len(class_names)
+    x_train, y_train = load_split(prepared / "train.npz")
+    x_val, y_val = load_split(prepared / "val.npz")
+    train_loss, train_accuracy, _ = score(model, x_train, y_train, num_classes)
+    val_loss, val_accuracy, predictions = score(model, x_val, y_val, num_classes)
+    matrix, per_class = class_report(y_val, predictions, class_names)
+    metrics = {
+        "train": {"loss": train_loss, "accuracy": train_accuracy},
+        "val": {"loss": val_loss, "accuracy": val_accuracy},
+        # The saved (best-epoch) model's overfitting gap, both splits scored without dropout
+        # or augmentation: comparable across labs.
+        "gap": {"accuracy": train_accuracy - val_accuracy, "loss": val_loss - train_loss},
+        "best_epoch": run_info.get("best_epoch"),
+        "val_class_accuracy": per_class,
+    }
+    write_json(eval_dir / "metrics.json", metrics)
+    names = np.asarray(class_names)
+    with atomic_path(eval_dir / "confusion.csv") as temporary:
+        pd.DataFrame({"actual": names[y_val], "predicted": names[predictions]}).to_csv(
+            temporary, index=False)
+
+    tracking.connect(cfg.tracking)
+    with tracking.lab_run(cfg.lab, run_id=run_info["run_id"]):
+        mlflow.log_metrics({
+            "eval/train_loss": train_loss, "eval/train_accuracy": train_accuracy,
+            "eval/val_loss": val_loss, "eval/val_accuracy": val_accuracy,
+            "eval/gap_accuracy": metrics["gap"]["accuracy"], "eval/gap_loss": metrics["gap"]["loss"],
+        })
+        mlflow.log_metrics({f"eval/class_accuracy/{name}": value
+                            for name, value in per_class.items()})
+        mlflow.log_dict({"classes": class_names, "rows_actual": matrix.tolist()},
+                        "evaluation/confusion_matrix.json")
+        mlflow.log_artifact(str(eval_dir / "metrics.json"), "evaluation")
+    log.info("%s: val accuracy %.4f, train accuracy %.4f, gap %.4f (run %s)", cfg.lab,
+             val_accuracy, train_accuracy, metrics["gap"]["accuracy"], run_info["run_id"])
+    return metrics
+
+
+def run(cfg: DictConfig) -> dict:
+    """Evaluate an image lab; the line fit evaluates itself in its train stage."""
+    if cfg.dataset.task != "classification":
+        raise UserError(f"lab {cfg.lab!r} is a {cfg.dataset.task} lab: its train stage writes "
+                        "its own metrics; there is nothing to evaluate")
+    return evaluate_lab(cfg)
+
+
+main = stage_main(run)
+
+if __name__ == "__main__":
+    main()
