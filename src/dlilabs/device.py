@@ -8,7 +8,7 @@ import tensorflow as tf
 
 from dlilabs.errors import UserError
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("dlilabs.device")
 
 
 def select_device(

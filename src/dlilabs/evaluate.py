@@ -24,7 +24,7 @@ from dlilabs.config import stage_main
 from dlilabs.errors import UserError
 from dlilabs.io import atomic_path, read_json, write_json
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("dlilabs.evaluate")
 
 
 def load_trained(model_dir: Path) -> tuple[keras.Model, dict]:

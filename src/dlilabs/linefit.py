@@ -13,7 +13,7 @@ from omegaconf import DictConfig, OmegaConf
 from dlilabs import tracking
 from dlilabs.io import write_json
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("dlilabs.linefit")
 
 
 def least_squares(x: np.ndarray, y: np.ndarray) -> dict[str, float]:

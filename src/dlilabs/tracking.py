@@ -24,7 +24,7 @@ import numpy as np
 from mlflow.entities import Metric
 from omegaconf import DictConfig, OmegaConf
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("dlilabs.tracking")
 
 HISTORY_COLUMNS = ("train_loss", "train_accuracy", "val_loss", "val_accuracy", "gap_loss",
                    "gap_accuracy")

@@ -22,7 +22,7 @@ from dlilabs import tracking
 from dlilabs.config import stage_main
 from dlilabs.io import atomic_path, sha256_file, write_json
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("dlilabs.train")
 
 
 def make_optimizer(optimizer: str, learning_rate: float | None) -> keras.optimizers.Optimizer:
@@ -51,7 +51,8 @@ def fit(model: keras.Model, train_data, val_data, epochs: int, monitor: str
     # One line per epoch when logs go to a file (DVC, SLURM); a live bar in a terminal.
     verbose = 1 if sys.stdout.isatty() else 2
     try:
-        model.fit(train_data, validation_data=val_data, epochs=epochs,
+        # shuffle=False: the tf.data pipeline already reshuffles every epoch.
+        model.fit(train_data, validation_data=val_data, epochs=epochs, shuffle=False,
                   callbacks=[epoch_logger, best], verbose=verbose)
     finally:
         epoch_logger.flush()  # epochs done so far reach MLflow even if training stops early

@@ -1,0 +1,63 @@
+"""Shared fixtures: a throwaway project folder, synthetic prepared data, a fresh MLflow store."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATASETS = REPO.parent / "shared" / "datasets"
+
+
+@pytest.fixture
+def project(tmp_path, monkeypatch) -> Path:
+    """A project folder holding a copy of conf/; every stage path and the MLflow store
+    (sqlite mlflow.db, mlartifacts/) resolve inside it."""
+    root = tmp_path / "project"
+    shutil.copytree(REPO / "conf", root / "conf")
+    monkeypatch.setenv("DLILABS_ROOT", str(root))
+    for variable in ("MLFLOW_TRACKING_URI", "DLILABS_STORE_DIR", "DVC_STAGE", "DVC_EXP_NAME"):
+        monkeypatch.delenv(variable, raising=False)
+    return root
+
+
+def make_images(count: int, num_classes: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Learnable synthetic images: class k lights a bright 6x6 square at a class-specific
+    place over noise. Returns uint8 (count, 28, 28) and int64 labels (count,)."""
+    rng = np.random.default_rng(seed)
+    labels = np.arange(count) % num_classes
+    rng.shuffle(labels)
+    images = rng.integers(0, 60, size=(count, 28, 28)).astype(np.uint8)
+    for index, label in enumerate(labels):
+        row, column = divmod(int(label) * 5, 22)
+        images[index, row:row + 6, column:column + 6] = 230
+    return images, labels.astype(np.int64)
+
+
+def write_prepared(folder: Path, train_count: int, val_count: int, num_classes: int) -> Path:
+    """Write train.npz / val.npz as the preprocess stage does, with `make_images` data."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, count, seed in (("train", train_count, 1), ("val", val_count, 2)):
+        images, labels = make_images(count, num_classes, seed)
+        np.savez(folder / f"{name}.npz", x=images, y=labels)
+    return folder
+
+
+@pytest.fixture
+def tiny_mnist(project) -> Path:
+    """Synthetic prepared `mnist` splits (320 train, 80 val) inside `project`."""
+    return write_prepared(project / "data" / "prepared" / "mnist", 320, 80, 10)
+
+
+def stage_env(root: Path, **extra: str) -> dict[str, str]:
+    """Environment for running a stage as a subprocess against the project at `root`."""
+    env = {key: value for key, value in os.environ.items()
+           if key not in ("MLFLOW_TRACKING_URI", "DLILABS_STORE_DIR", "DVC_STAGE")}
+    env.update(DLILABS_ROOT=str(root), PATH=f"{Path(sys.executable).parent}:{env['PATH']}")
+    env.update(extra)
+    return env
