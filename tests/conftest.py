@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 import shutil
 import sys
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import numpy as np
@@ -61,3 +63,35 @@ def stage_env(root: Path, **extra: str) -> dict[str, str]:
     env.update(DLILABS_ROOT=str(root), PATH=f"{Path(sys.executable).parent}:{env['PATH']}")
     env.update(extra)
     return env
+
+
+class Handler(BaseHTTPRequestHandler):
+    """Answers from `server.routes`: path -> list of (status, body, mode); each request takes
+    the next entry and the last one repeats. mode "cut" promises more bytes than it sends."""
+
+    def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
+        self.server.hits.append(self.path)
+        answers = self.server.routes.get(self.path) or [(404, b"not found", "ok")]
+        status, body, mode = answers.pop(0) if len(answers) > 1 else answers[0]
+        self.send_response(status)
+        extra = 1000 if mode == "cut" else 0
+        self.send_header("Content-Length", str(len(body) + extra))
+        self.end_headers()
+        self.wfile.write(body)
+        self.close_connection = True
+
+    def log_message(self, *args) -> None:
+        pass
+
+
+@pytest.fixture
+def server():
+    """A threaded HTTP server on an ephemeral local port; `server.url(path)` builds URLs."""
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    httpd.routes, httpd.hits = {}, []
+    httpd.url = lambda path: f"http://127.0.0.1:{httpd.server_port}{path}"
+    thread = threading.Thread(target=httpd.serve_forever, args=(0.05,), daemon=True)
+    thread.start()
+    yield httpd
+    httpd.shutdown()
+    httpd.server_close()

@@ -2,8 +2,8 @@
 
 import numpy as np
 import pytest
-from conftest import make_images
 
+from conftest import make_images
 from dlilabs.config import compose
 from dlilabs.data import build_augmenter, load_split, make_dataset
 from dlilabs.errors import UserError
@@ -39,7 +39,7 @@ def test_augmented_epoch_has_the_same_batches_with_changed_images():
     assert x_aug.shape == x_plain.shape
     np.testing.assert_array_equal(y_aug.numpy(), y_plain.numpy())
     assert not np.allclose(x_aug.numpy(), x_plain.numpy())
-    assert 0.0 <= float(x_aug.numpy().min()) and float(x_aug.numpy().max()) <= 1.0 + 1e-6
+    assert float(x_aug.numpy().min()) >= 0.0 and float(x_aug.numpy().max()) <= 1.0 + 1e-6
 
 
 def test_augment_none_builds_nothing():

@@ -6,8 +6,8 @@ import sys
 
 import pytest
 import tensorflow as tf
-from conftest import stage_env
 
+from conftest import stage_env
 from dlilabs.device import select_device
 from dlilabs.errors import UserError
 

@@ -11,10 +11,8 @@ import shutil
 import socket
 import subprocess
 import sys
-import threading
 import time
 import zipfile
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 from omegaconf import OmegaConf
@@ -52,38 +50,6 @@ def kaggle_zip(top_train: bytes = TRAIN) -> bytes:
         archive.writestr("sign_mnist_test/sign_mnist_test.csv", TEST)
         archive.writestr("amer_sign2.png", b"\x89PNG not really")
     return buffer.getvalue()
-
-
-class Handler(BaseHTTPRequestHandler):
-    """Answers from `server.routes`: path -> list of (status, body, mode); each request takes
-    the next entry and the last one repeats. mode "cut" promises more bytes than it sends."""
-
-    def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
-        self.server.hits.append(self.path)
-        answers = self.server.routes.get(self.path) or [(404, b"not found", "ok")]
-        status, body, mode = answers.pop(0) if len(answers) > 1 else answers[0]
-        self.send_response(status)
-        extra = 1000 if mode == "cut" else 0
-        self.send_header("Content-Length", str(len(body) + extra))
-        self.end_headers()
-        self.wfile.write(body)
-        self.close_connection = True
-
-    def log_message(self, *args) -> None:
-        pass
-
-
-@pytest.fixture
-def server():
-    """A threaded HTTP server on an ephemeral local port; `server.url(path)` builds URLs."""
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    httpd.routes, httpd.hits = {}, []
-    httpd.url = lambda path: f"http://127.0.0.1:{httpd.server_port}{path}"
-    thread = threading.Thread(target=httpd.serve_forever, args=(0.05,), daemon=True)
-    thread.start()
-    yield httpd
-    httpd.shutdown()
-    httpd.server_close()
 
 
 @pytest.fixture

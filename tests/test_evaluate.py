@@ -33,7 +33,9 @@ def test_evaluate_writes_dvc_outputs_and_logs_to_the_train_run(project, tiny_mni
     assert written["val"]["accuracy"] == pytest.approx(metrics["val"]["accuracy"])
     assert written["gap"]["accuracy"] == pytest.approx(
         written["train"]["accuracy"] - written["val"]["accuracy"])
-    assert set(written["val_class_accuracy"]) == {str(d) for d in range(10)}
+    per_class = pd.read_csv(eval_dir / "class_accuracy.csv", dtype={"class": str})
+    assert list(per_class["class"]) == [str(d) for d in range(10)]
+    assert per_class.accuracy.between(0, 1).all()
     # The saved model is the best epoch: its val accuracy is the history's best.
     assert written["val"]["accuracy"] == pytest.approx(summary["best/val/accuracy"], abs=1e-6)
     confusion = pd.read_csv(eval_dir / "confusion.csv", dtype=str)
@@ -48,7 +50,8 @@ def test_evaluate_writes_dvc_outputs_and_logs_to_the_train_run(project, tiny_mni
     assert run.data.metrics["eval/gap_accuracy"] == pytest.approx(written["gap"]["accuracy"])
     assert "eval/class_accuracy/7" in run.data.metrics
     paths = {item.path for item in client.list_artifacts(run.info.run_id, "evaluation")}
-    assert paths == {"evaluation/confusion_matrix.json", "evaluation/metrics.json"}
+    assert paths == {"evaluation/confusion_matrix.json", "evaluation/metrics.json",
+                     "evaluation/class_accuracy.csv"}
 
 
 def test_evaluate_without_a_model_says_to_train_first(project, tiny_mnist):

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import REPO
 
+from conftest import REPO
 from dlilabs.config import compose
 
 PARAMS = yaml.safe_load((REPO / "params.yaml").read_text())

@@ -13,9 +13,9 @@ import mlflow
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import stage_env, write_prepared
 from mlflow import MlflowClient
 
+from conftest import stage_env, write_prepared
 from dlilabs import tracking
 from dlilabs.config import compose
 from dlilabs.train import run as train_run

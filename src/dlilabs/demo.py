@@ -6,7 +6,7 @@ for a few epochs under `profile=demo`, then runs the real `dvc repro` there. The
 the project's own MLflow store (experiment `dlilabs-demo`, tagged demo=true), so `make ui`
 shows them beside the real ones. Re-running reuses the workspace: unchanged stages are skipped.
 
-    python -m dlilabs.demo [--epochs 2] [--workspace build/demo] [--git]
+    python -m dlilabs.demo [--epochs 3] [--workspace build/demo] [--git]
 """
 
 from __future__ import annotations
@@ -76,7 +76,7 @@ def dvc(workspace: Path, *args: str, store_dir: Path | None = None,
 def main(argv: list[str] | None = None) -> int:
     """Build the workspace, `dvc repro` it, print the metrics and where to look next."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--epochs", type=int, default=2, help="epochs per image lab (2)")
+    parser.add_argument("--epochs", type=int, default=3, help="epochs per image lab (3)")
     parser.add_argument("--workspace", type=Path, help="default: <project>/build/demo")
     parser.add_argument("--git", action="store_true", help="make the workspace a git repo")
     args = parser.parse_args(argv)
@@ -91,7 +91,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: the demo pipeline failed (dvc repro exit {result.returncode}); "
               "see the stage output above", file=sys.stderr)
         return result.returncode
-    dvc(workspace, "metrics", "show", store_dir=root, check=False)
+    lab_metrics = sorted(str(p.relative_to(workspace)) for p in workspace.glob("eval/*/metrics.json"))
+    dvc(workspace, "metrics", "show", *lab_metrics, store_dir=root, check=False)
     print(f"\nDemo done in {time.monotonic() - started:.0f} s. Runs are in the MLflow "
           f"experiment 'dlilabs-demo' of {root / 'mlflow.db'}:\n"
           "  make ui          # then open http://127.0.0.1:5000\n"

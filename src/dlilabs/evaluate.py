@@ -1,8 +1,8 @@
 """evaluate stage: `python -m dlilabs.evaluate experiment=<lab>` scores the trained model.
 
 Loads `model.keras` (safe mode) and the prepared splits; writes to `paths.eval_dir`:
-`metrics.json` (DVC metrics: loss and accuracy on both splits, the gap, per-class accuracy)
-and `confusion.csv` (one row per validation image, actual and predicted class name: DVC's
+`metrics.json` (DVC metrics: loss and accuracy on both splits, the gap), `class_accuracy.csv`
+(validation accuracy per class, a DVC bar chart) and `confusion.csv` (one row per validation image, actual and predicted class name: DVC's
 confusion template counts them). Logs the same metrics, the confusion matrix and a per-class
 table to the lab's MLflow run, whose id the train stage left in `run.json`.
 """
@@ -80,9 +80,12 @@ def evaluate_lab(cfg: DictConfig) -> dict:
         # or augmentation: comparable across labs.
         "gap": {"accuracy": train_accuracy - val_accuracy, "loss": val_loss - train_loss},
         "best_epoch": run_info.get("best_epoch"),
-        "val_class_accuracy": per_class,
     }
     write_json(eval_dir / "metrics.json", metrics)
+    # Per-class accuracy is a chart (24 columns would swamp `dvc metrics show`).
+    with atomic_path(eval_dir / "class_accuracy.csv") as temporary:
+        pd.DataFrame({"class": list(per_class), "accuracy": list(per_class.values())}).to_csv(
+            temporary, index=False)
     names = np.asarray(class_names)
     with atomic_path(eval_dir / "confusion.csv") as temporary:
         pd.DataFrame({"actual": names[y_val], "predicted": names[predictions]}).to_csv(
@@ -99,7 +102,8 @@ def evaluate_lab(cfg: DictConfig) -> dict:
                             for name, value in per_class.items()})
         mlflow.log_dict({"classes": class_names, "rows_actual": matrix.tolist()},
                         "evaluation/confusion_matrix.json")
-        mlflow.log_artifact(str(eval_dir / "metrics.json"), "evaluation")
+        for name in ("metrics.json", "class_accuracy.csv"):
+            mlflow.log_artifact(str(eval_dir / name), "evaluation")
     log.info("%s: val accuracy %.4f, train accuracy %.4f, gap %.4f (run %s)", cfg.lab,
              val_accuracy, train_accuracy, metrics["gap"]["accuracy"], run_info["run_id"])
     return metrics

@@ -42,7 +42,8 @@ def fit_line(x: np.ndarray, y: np.ndarray, trainer: DictConfig):
     batches = points.batch(trainer.batch_size).repeat()
     steps = -(-len(x) // trainer.batch_size)
     try:
-        model.fit(batches, epochs=trainer.epochs, steps_per_epoch=steps, verbose=0,
+        model.fit(batches, epochs=trainer.epochs, steps_per_epoch=steps, shuffle=False,
+                  verbose=0,
                   callbacks=[epoch_logger])
     finally:
         epoch_logger.flush()
