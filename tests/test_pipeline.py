@@ -5,6 +5,7 @@ sending every image lab to the bundled MNIST rows; here for one epoch per lab.""
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import subprocess
@@ -15,9 +16,9 @@ import mlflow
 import numpy as np
 import pytest
 import yaml
-from conftest import REPO, make_images
 from mlflow import MlflowClient
 
+from conftest import REPO, make_images
 from dlilabs.demo import dvc, make_workspace
 
 pytestmark = pytest.mark.slow
@@ -131,9 +132,11 @@ def test_download_and_preprocess_from_a_local_server(tmp_path, server):
     payload = buffer.getvalue()
     server.routes["/mnist.npz"] = [(200, payload, "ok")]
     workspace = make_workspace(REPO, tmp_path / "repo", epochs=1, git=True)
+    params = yaml.safe_load((workspace / "params.yaml").read_text())
+    (workspace / "params.yaml").write_text(yaml.safe_dump({**params, "datasets": ["mnist"]}))
     dataset_file = workspace / "conf" / "dataset" / "mnist.yaml"
     dataset = yaml.safe_load(dataset_file.read_text())
-    import hashlib
+
 
     dataset["source"]["mirrors"] = [{"url": server.url("/mnist.npz")}]
     dataset["source"]["files"] = {"mnist.npz": [hashlib.sha256(payload).hexdigest()]}
