@@ -50,5 +50,9 @@ repro: install ## Full reproduction: download the datasets, train and evaluate e
 bench: dev ## Print speed and memory ratios measured side by side
 	$(PY) scripts/bench.py
 
+ui: install ## MLflow UI over the project's store on http://127.0.0.1:5000 (PORT=5000)
+	$(BIN)/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db \
+		--default-artifact-root $(CURDIR)/mlartifacts --host 127.0.0.1 --port $(or $(PORT),5000)
+
 clean: ## Remove pipeline outputs and logs (keeps .venv and the MLflow store)
 	rm -rf data models eval logs build
