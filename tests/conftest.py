@@ -37,7 +37,7 @@ def make_images(count: int, num_classes: int, seed: int = 0) -> tuple[np.ndarray
     images = rng.integers(0, 60, size=(count, 28, 28)).astype(np.uint8)
     for index, label in enumerate(labels):
         row, column = divmod(int(label) * 5, 22)
-        images[index, row:row + 6, column:column + 6] = 230
+        images[index, row : row + 6, column : column + 6] = 230
     return images, labels.astype(np.int64)
 
 
@@ -58,8 +58,11 @@ def tiny_mnist(project) -> Path:
 
 def stage_env(root: Path, **extra: str) -> dict[str, str]:
     """Environment for running a stage as a subprocess against the project at `root`."""
-    env = {key: value for key, value in os.environ.items()
-           if key not in ("MLFLOW_TRACKING_URI", "DLILABS_STORE_DIR", "DVC_STAGE")}
+    env = {
+        key: value
+        for key, value in os.environ.items()
+        if key not in ("MLFLOW_TRACKING_URI", "DLILABS_STORE_DIR", "DVC_STAGE")
+    }
     env.update(DLILABS_ROOT=str(root), PATH=f"{Path(sys.executable).parent}:{env['PATH']}")
     env.update(extra)
     return env

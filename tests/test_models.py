@@ -31,10 +31,20 @@ def test_cnn_layers_follow_the_lab():
     kinds = [type(layer).__name__ for layer in model.layers]
     assert kinds == [
         "Reshape",
-        "Conv2D", "BatchNormalization", "MaxPooling2D",
-        "Conv2D", "Dropout", "BatchNormalization", "MaxPooling2D",
-        "Conv2D", "BatchNormalization", "MaxPooling2D",
-        "Flatten", "Dense", "Dropout", "Dense",
+        "Conv2D",
+        "BatchNormalization",
+        "MaxPooling2D",
+        "Conv2D",
+        "Dropout",
+        "BatchNormalization",
+        "MaxPooling2D",
+        "Conv2D",
+        "BatchNormalization",
+        "MaxPooling2D",
+        "Flatten",
+        "Dense",
+        "Dropout",
+        "Dense",
     ]
     convs = [layer for layer in model.layers if isinstance(layer, keras.layers.Conv2D)]
     assert [c.filters for c in convs] == [75, 50, 25]
@@ -48,8 +58,9 @@ def test_cnn_layers_follow_the_lab():
 def test_dropout_override_reaches_the_model():
     cfg = compose(["experiment=asl_cnn", "model.dropout=0.1"])
     model = build_model(cfg.model, (28, 28), 24)
-    assert [layer.rate for layer in model.layers
-            if isinstance(layer, keras.layers.Dropout)][-1] == pytest.approx(0.1)
+    assert [layer.rate for layer in model.layers if isinstance(layer, keras.layers.Dropout)][
+        -1
+    ] == pytest.approx(0.1)
 
 
 def test_line_model_is_one_unit():

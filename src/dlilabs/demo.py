@@ -30,9 +30,12 @@ def demo_params(params: dict, epochs: int) -> dict:
     """The project's params.yaml values -> the demo's: every image lab on the bundled rows
     for `epochs` epochs, profile demo (the line fit is already tiny)."""
     labs = {
-        lab: {"dataset": DEMO_DATASET,
-              "overrides": " ".join(filter(None, [settings.get("overrides", ""),
-                                                  f"trainer.epochs={epochs}"]))}
+        lab: {
+            "dataset": DEMO_DATASET,
+            "overrides": " ".join(
+                filter(None, [settings.get("overrides", ""), f"trainer.epochs={epochs}"])
+            ),
+        }
         for lab, settings in params["labs"].items()
     }
     return {**params, "datasets": [DEMO_DATASET], "labs": labs, "profile": "demo"}
@@ -45,13 +48,18 @@ def make_workspace(source: Path, workspace: Path, epochs: int, git: bool = False
     writes the demo params.yaml; `git=True` makes it a git repo, else DVC runs without git."""
     workspace.mkdir(parents=True, exist_ok=True)
     for folder in ("conf", "src"):
-        shutil.copytree(source / folder, workspace / folder, dirs_exist_ok=True,
-                        ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+        shutil.copytree(
+            source / folder,
+            workspace / folder,
+            dirs_exist_ok=True,
+            ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"),
+        )
     shutil.copy2(source / "dvc.yaml", workspace / "dvc.yaml")
     params = yaml.safe_load((source / "params.yaml").read_text())
     (workspace / "params.yaml").write_text(
         "# Written by dlilabs.demo from the project's params.yaml: do not edit.\n"
-        + yaml.safe_dump(demo_params(params, epochs), sort_keys=False))
+        + yaml.safe_dump(demo_params(params, epochs), sort_keys=False)
+    )
     if not (workspace / ".dvc").is_dir():
         if git and not (workspace / ".git").is_dir():
             subprocess.run(["git", "init", "-q"], cwd=workspace, check=True)
@@ -60,8 +68,9 @@ def make_workspace(source: Path, workspace: Path, epochs: int, git: bool = False
     return workspace
 
 
-def dvc(workspace: Path, *args: str, store_dir: Path | None = None,
-        check: bool = True) -> subprocess.CompletedProcess:
+def dvc(
+    workspace: Path, *args: str, store_dir: Path | None = None, check: bool = True
+) -> subprocess.CompletedProcess:
     """Run this environment's `dvc` in `workspace`; stage commands find this Python first and
     log to the MLflow store in `store_dir` (default: the workspace's own)."""
     env = dict(os.environ)
@@ -69,8 +78,7 @@ def dvc(workspace: Path, *args: str, store_dir: Path | None = None,
     if store_dir is not None:
         env["DLILABS_STORE_DIR"] = str(store_dir)
     env.pop("DLILABS_ROOT", None)  # stages must find the workspace's conf/, not ours
-    return subprocess.run([sys.executable, "-m", "dvc", *args], cwd=workspace, env=env,
-                          check=check)
+    return subprocess.run([sys.executable, "-m", "dvc", *args], cwd=workspace, env=env, check=check)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -81,22 +89,32 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--git", action="store_true", help="make the workspace a git repo")
     args = parser.parse_args(argv)
     root = project_root()
-    workspace = make_workspace(root, args.workspace or root / "build" / "demo", args.epochs,
-                               args.git)
-    print(f"Demo workspace: {workspace}\nRunning `dvc repro` there (offline, bundled data)...",
-          flush=True)
+    workspace = make_workspace(
+        root, args.workspace or root / "build" / "demo", args.epochs, args.git
+    )
+    print(
+        f"Demo workspace: {workspace}\nRunning `dvc repro` there (offline, bundled data)...",
+        flush=True,
+    )
     started = time.monotonic()
     result = dvc(workspace, "repro", store_dir=root, check=False)
     if result.returncode != 0:
-        print(f"error: the demo pipeline failed (dvc repro exit {result.returncode}); "
-              "see the stage output above", file=sys.stderr)
+        print(
+            f"error: the demo pipeline failed (dvc repro exit {result.returncode}); "
+            "see the stage output above",
+            file=sys.stderr,
+        )
         return result.returncode
-    lab_metrics = sorted(str(p.relative_to(workspace)) for p in workspace.glob("eval/*/metrics.json"))
+    lab_metrics = sorted(
+        str(p.relative_to(workspace)) for p in workspace.glob("eval/*/metrics.json")
+    )
     dvc(workspace, "metrics", "show", *lab_metrics, store_dir=root, check=False)
-    print(f"\nDemo done in {time.monotonic() - started:.0f} s. Runs are in the MLflow "
-          f"experiment 'dlilabs-demo' of {root / 'mlflow.db'}:\n"
-          "  make ui          # then open http://127.0.0.1:5000\n"
-          f"  cd {workspace} && dvc plots show   # learning curves, confusion matrices")
+    print(
+        f"\nDemo done in {time.monotonic() - started:.0f} s. Runs are in the MLflow "
+        f"experiment 'dlilabs-demo' of {root / 'mlflow.db'}:\n"
+        "  make ui          # then open http://127.0.0.1:5000\n"
+        f"  cd {workspace} && dvc plots show   # learning curves, confusion matrices"
+    )
     return 0
 
 

@@ -55,5 +55,9 @@ def select_device(
     details = tf.config.experimental.get_device_details(gpus[0]) or {}
     name = details.get("device_name", gpus[0].name)
     log.info("Device: GPU %s (%d visible, %s)", name, len(gpus), precision)
-    return {"device": "gpu", "device_name": name, "gpu_count": str(len(gpus)),
-            "precision": precision}
+    return {
+        "device": "gpu",
+        "device_name": name,
+        "gpu_count": str(len(gpus)),
+        "precision": precision,
+    }

@@ -32,8 +32,9 @@ def fit_line(x: np.ndarray, y: np.ndarray, trainer: DictConfig):
     from dlilabs.train import make_optimizer
 
     model = build_linear()
-    model.compile(optimizer=make_optimizer(trainer.optimizer, trainer.learning_rate),
-                  loss=trainer.loss)
+    model.compile(
+        optimizer=make_optimizer(trainer.optimizer, trainer.learning_rate), loss=trainer.loss
+    )
     epoch_logger = tracking.EpochLogger()
     inputs = x.reshape(-1, 1).astype(np.float32)
     # A repeated dataset with a fixed number of steps lets Keras keep one iterator for all
@@ -42,15 +43,23 @@ def fit_line(x: np.ndarray, y: np.ndarray, trainer: DictConfig):
     batches = points.batch(trainer.batch_size).repeat()
     steps = -(-len(x) // trainer.batch_size)
     try:
-        model.fit(batches, epochs=trainer.epochs, steps_per_epoch=steps, shuffle=False,
-                  verbose=0,
-                  callbacks=[epoch_logger])
+        model.fit(
+            batches,
+            epochs=trainer.epochs,
+            steps_per_epoch=steps,
+            shuffle=False,
+            verbose=0,
+            callbacks=[epoch_logger],
+        )
     finally:
         epoch_logger.flush()
     weights, bias = model.layers[-1].get_weights()
     predictions = model.predict(inputs, verbose=0).ravel()
-    fitted = {"slope": float(weights.ravel()[0]), "intercept": float(bias[0]),
-              "mse": float(np.mean((predictions - y) ** 2))}
+    fitted = {
+        "slope": float(weights.ravel()[0]),
+        "intercept": float(bias[0]),
+        "mse": float(np.mean((predictions - y) ** 2)),
+    }
     return model, epoch_logger.rows, fitted
 
 
@@ -69,22 +78,39 @@ def fit_line_lab(cfg: DictConfig) -> dict:
         mlflow.log_text(OmegaConf.to_yaml(cfg, resolve=True), "config.yaml")
         model, rows, fitted = fit_line(x, y, cfg.trainer)
         metrics = {
-            "fit/mse": fitted["mse"], "fit/slope": fitted["slope"],
-            "fit/intercept": fitted["intercept"], "floor/mse": floor["mse"],
-            "floor/slope": floor["slope"], "floor/intercept": floor["intercept"],
+            "fit/mse": fitted["mse"],
+            "fit/slope": fitted["slope"],
+            "fit/intercept": fitted["intercept"],
+            "floor/mse": floor["mse"],
+            "floor/slope": floor["slope"],
+            "floor/intercept": floor["intercept"],
             # How far the optimizer stopped above the best any line can do.
             "gap/mse": fitted["mse"] - floor["mse"],
         }
         mlflow.log_metrics(metrics)
         registered = cfg.tracking.model_name if cfg.tracking.register_models else None
-        model_info = tracking.log_keras_model(model, x[:3].reshape(-1, 1).astype(np.float32),
-                                              registered)
-        run_info = {"lab": cfg.lab, "run_id": run.info.run_id, "experiment_id": experiment_id,
-                    "model_uri": model_info.model_uri, "registered_model": registered,
-                    "epochs": len(rows), **metrics}
+        model_info = tracking.log_keras_model(
+            model, x[:3].reshape(-1, 1).astype(np.float32), registered
+        )
+        run_info = {
+            "lab": cfg.lab,
+            "run_id": run.info.run_id,
+            "experiment_id": experiment_id,
+            "model_uri": model_info.model_uri,
+            "registered_model": registered,
+            "epochs": len(rows),
+            **metrics,
+        }
         save_outputs(Path(cfg.paths.model_dir), model, rows, run_info)
         write_json(Path(cfg.paths.eval_dir) / "metrics.json", metrics)
-    log.info("line_fit (%s): y = %.4f x + %.4f, MSE %.3f; least squares y = %.4f x + %.4f, "
-             "MSE %.3f", cfg.trainer.optimizer, fitted["slope"], fitted["intercept"],
-             fitted["mse"], floor["slope"], floor["intercept"], floor["mse"])
+    log.info(
+        "line_fit (%s): y = %.4f x + %.4f, MSE %.3f; least squares y = %.4f x + %.4f, MSE %.3f",
+        cfg.trainer.optimizer,
+        fitted["slope"],
+        fitted["intercept"],
+        fitted["mse"],
+        floor["slope"],
+        floor["intercept"],
+        floor["mse"],
+    )
     return run_info

@@ -10,22 +10,28 @@ from omegaconf import DictConfig
 def build_mlp(
     input_shape: tuple[int, ...], num_classes: int, hidden_units=(512, 512), activation="relu"
 ) -> keras.Model:
-    """Labs 1-2: images (batch, 28, 28) -> Flatten(784) -> Dense relu ... -> softmax (batch, classes)."""
+    """Labs 1-2: images (batch, 28, 28) -> Flatten (784) -> Dense relu ... -> softmax
+    (batch, classes)."""
     model = keras.Sequential(name="mlp")
     model.add(keras.Input(shape=input_shape, name="image"))
     model.add(layers.Flatten())
     for units in hidden_units:
         model.add(layers.Dense(units, activation=activation))
     # float32 softmax keeps probabilities exact when mixed precision computes in float16.
-    model.add(layers.Dense(num_classes, activation="softmax", dtype="float32", name="probabilities"))
+    model.add(
+        layers.Dense(num_classes, activation="softmax", dtype="float32", name="probabilities")
+    )
     return model
 
 
 def build_cnn(
     input_shape: tuple[int, ...],
     num_classes: int,
-    conv_blocks=({"filters": 75, "dropout": 0.0}, {"filters": 50, "dropout": 0.2},
-                 {"filters": 25, "dropout": 0.0}),
+    conv_blocks=(
+        {"filters": 75, "dropout": 0.0},
+        {"filters": 50, "dropout": 0.2},
+        {"filters": 25, "dropout": 0.0},
+    ),
     kernel_size: int = 3,
     pool_size: int = 2,
     dense_units: int = 512,
@@ -45,7 +51,9 @@ def build_cnn(
     model.add(layers.Flatten())
     model.add(layers.Dense(dense_units, activation="relu"))
     model.add(layers.Dropout(dropout))
-    model.add(layers.Dense(num_classes, activation="softmax", dtype="float32", name="probabilities"))
+    model.add(
+        layers.Dense(num_classes, activation="softmax", dtype="float32", name="probabilities")
+    )
     return model
 
 
@@ -59,13 +67,18 @@ def build_linear(units: int = 1) -> keras.Model:
 def build_model(model_cfg: DictConfig, input_shape=(28, 28), num_classes: int = 10) -> keras.Model:
     """Build the model a `model` config group entry describes (not compiled)."""
     if model_cfg.name == "mlp":
-        return build_mlp(tuple(input_shape), num_classes, list(model_cfg.hidden_units),
-                         model_cfg.activation)
+        return build_mlp(
+            tuple(input_shape), num_classes, list(model_cfg.hidden_units), model_cfg.activation
+        )
     if model_cfg.name == "cnn":
         return build_cnn(
-            tuple(input_shape), num_classes,
+            tuple(input_shape),
+            num_classes,
             [dict(block) for block in model_cfg.conv_blocks],
-            model_cfg.kernel_size, model_cfg.pool_size, model_cfg.dense_units, model_cfg.dropout,
+            model_cfg.kernel_size,
+            model_cfg.pool_size,
+            model_cfg.dense_units,
+            model_cfg.dropout,
         )
     if model_cfg.name == "linear":
         return build_linear(model_cfg.units)

@@ -26,8 +26,14 @@ from omegaconf import DictConfig, OmegaConf
 
 log = logging.getLogger("dlilabs.tracking")
 
-HISTORY_COLUMNS = ("train_loss", "train_accuracy", "val_loss", "val_accuracy", "gap_loss",
-                   "gap_accuracy")
+HISTORY_COLUMNS = (
+    "train_loss",
+    "train_accuracy",
+    "val_loss",
+    "val_accuracy",
+    "gap_loss",
+    "gap_accuracy",
+)
 
 
 def connect(tracking_cfg: DictConfig) -> str:
@@ -74,11 +80,22 @@ def flatten_config(cfg: DictConfig) -> dict[str, str]:
 def git_state(root: Path) -> dict[str, str]:
     """{"git.commit": sha, "git.dirty": "true"/"false"} for the project, empty outside git."""
     try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True,
-                                text=True, check=True, timeout=10).stdout.strip()
-        changes = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
-                                 cwd=root, capture_output=True, text=True, check=True,
-                                 timeout=10).stdout.strip()
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            cwd=root,
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=10,
+        ).stdout.strip()
+        changes = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=root,
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=10,
+        ).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return {}
     return {"git.commit": commit, "git.dirty": str(bool(changes)).lower()}
@@ -144,7 +161,8 @@ class EpochLogger(keras.callbacks.Callback):
         timestamp = int(time.time() * 1000)
         self._pending.extend(
             Metric(metric_name(column), value, timestamp, epoch + 1)
-            for column, value in row.items() if column != "epoch"
+            for column, value in row.items()
+            if column != "epoch"
         )
         if time.monotonic() - self._last_flush >= self.flush_seconds:
             self.flush()
@@ -159,7 +177,7 @@ class EpochLogger(keras.callbacks.Callback):
             client = mlflow.MlflowClient()
             # log_batch takes at most 1000 metrics per call.
             for start in range(0, len(self._pending), 1000):
-                client.log_batch(run.info.run_id, metrics=self._pending[start:start + 1000])
+                client.log_batch(run.info.run_id, metrics=self._pending[start : start + 1000])
         self._pending = []
         self._last_flush = time.monotonic()
 
@@ -245,8 +263,9 @@ def _interrupt(signum, frame):
 
 
 @contextlib.contextmanager
-def lab_run(run_name: str, tags: dict[str, str] | None = None,
-            run_id: str | None = None) -> Iterator[mlflow.ActiveRun]:
+def lab_run(
+    run_name: str, tags: dict[str, str] | None = None, run_id: str | None = None
+) -> Iterator[mlflow.ActiveRun]:
     """Start (or, with `run_id`, resume) an MLflow run that always ends with a true status:
     FINISHED, FAILED when the body raises, KILLED on Ctrl-C or SIGTERM (turned into
     KeyboardInterrupt here so `dvc` or a scheduler stopping the job is recorded too)."""

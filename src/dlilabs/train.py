@@ -29,8 +29,9 @@ def make_optimizer(optimizer: str, learning_rate: float | None) -> keras.optimiz
     """A Keras optimizer by name; `learning_rate=None` keeps Keras' default (RMSprop: 1e-3)."""
     if learning_rate is None:
         return keras.optimizers.get(optimizer)
-    return keras.optimizers.get({"class_name": optimizer,
-                                 "config": {"learning_rate": learning_rate}})
+    return keras.optimizers.get(
+        {"class_name": optimizer, "config": {"learning_rate": learning_rate}}
+    )
 
 
 def seed_everything(seed: int, deterministic: bool = False) -> None:
@@ -42,8 +43,9 @@ def seed_everything(seed: int, deterministic: bool = False) -> None:
         tf.config.experimental.enable_op_determinism()
 
 
-def fit(model: keras.Model, train_data, val_data, epochs: int, monitor: str
-        ) -> tuple[list[dict[str, float]], int]:
+def fit(
+    model: keras.Model, train_data, val_data, epochs: int, monitor: str
+) -> tuple[list[dict[str, float]], int]:
     """Fit inside an active MLflow run, logging every epoch; leave the best epoch's weights
     in `model`. Returns (history rows, best epoch, 1-based)."""
     epoch_logger = tracking.EpochLogger()
@@ -52,8 +54,14 @@ def fit(model: keras.Model, train_data, val_data, epochs: int, monitor: str
     verbose = 1 if sys.stdout.isatty() else 2
     try:
         # shuffle=False: the tf.data pipeline already reshuffles every epoch.
-        model.fit(train_data, validation_data=val_data, epochs=epochs, shuffle=False,
-                  callbacks=[epoch_logger, best], verbose=verbose)
+        model.fit(
+            train_data,
+            validation_data=val_data,
+            epochs=epochs,
+            shuffle=False,
+            callbacks=[epoch_logger, best],
+            verbose=verbose,
+        )
     finally:
         epoch_logger.flush()  # epochs done so far reach MLflow even if training stops early
     best.restore()
@@ -71,8 +79,12 @@ def save_outputs(model_dir: Path, model: keras.Model, rows: list[dict], run_info
 
 def data_tags(train_file: Path, val_file: Path, train_rows: int, val_rows: int) -> dict:
     """Tags that pin the exact data: sha256 and row counts of the prepared splits."""
-    return {"data.train.sha256": sha256_file(train_file), "data.val.sha256": sha256_file(val_file),
-            "data.train.rows": str(train_rows), "data.val.rows": str(val_rows)}
+    return {
+        "data.train.sha256": sha256_file(train_file),
+        "data.val.sha256": sha256_file(val_file),
+        "data.train.rows": str(train_rows),
+        "data.val.rows": str(val_rows),
+    }
 
 
 def train_lab(cfg: DictConfig) -> dict:
@@ -83,29 +95,44 @@ def train_lab(cfg: DictConfig) -> dict:
 
     trainer = cfg.trainer
     # The device is settled before any data is loaded, so "GPU required" fails fast.
-    device = select_device(trainer.device, trainer.require_gpu, trainer.memory_growth,
-                           trainer.mixed_precision)
+    device = select_device(
+        trainer.device, trainer.require_gpu, trainer.memory_growth, trainer.mixed_precision
+    )
     seed_everything(trainer.seed, trainer.deterministic)
     prepared = Path(cfg.paths.prepared_dir)
     x_train, y_train = load_split(prepared / "train.npz")
     x_val, y_val = load_split(prepared / "val.npz")
     num_classes = cfg.dataset.num_classes
-    train_data = make_dataset(x_train, y_train, num_classes, trainer.batch_size, shuffle=True,
-                              seed=trainer.seed, augmenter=build_augmenter(cfg.augment,
-                                                                          trainer.seed),
-                              shuffle_buffer=trainer.shuffle_buffer)
+    train_data = make_dataset(
+        x_train,
+        y_train,
+        num_classes,
+        trainer.batch_size,
+        shuffle=True,
+        seed=trainer.seed,
+        augmenter=build_augmenter(cfg.augment, trainer.seed),
+        shuffle_buffer=trainer.shuffle_buffer,
+    )
     val_data = make_dataset(x_val, y_val, num_classes, trainer.batch_size)
 
     model = build_model(cfg.model, x_train.shape[1:], num_classes)
-    model.compile(optimizer=make_optimizer(trainer.optimizer, trainer.learning_rate),
-                  loss=trainer.loss, metrics=["accuracy"])
+    model.compile(
+        optimizer=make_optimizer(trainer.optimizer, trainer.learning_rate),
+        loss=trainer.loss,
+        metrics=["accuracy"],
+    )
 
     experiment_id = tracking.connect(cfg.tracking)
-    tags = tracking.run_tags(cfg, f"train@{cfg.lab}", {
-        "device": device["device"], "device.name": device["device_name"],
-        "precision": device["precision"],
-        **data_tags(prepared / "train.npz", prepared / "val.npz", len(x_train), len(x_val)),
-    })
+    tags = tracking.run_tags(
+        cfg,
+        f"train@{cfg.lab}",
+        {
+            "device": device["device"],
+            "device.name": device["device_name"],
+            "precision": device["precision"],
+            **data_tags(prepared / "train.npz", prepared / "val.npz", len(x_train), len(x_val)),
+        },
+    )
     with tracking.lab_run(cfg.lab, tags) as run:
         log.info("MLflow run %s (%s) in experiment %s", run.info.run_id, cfg.lab, experiment_id)
         mlflow.log_params(tracking.flatten_config(cfg))
@@ -117,18 +144,28 @@ def train_lab(cfg: DictConfig) -> dict:
         registered = cfg.tracking.model_name if cfg.tracking.register_models else None
         model_info = tracking.log_keras_model(model, sample, registered)
         run_info = {
-            "lab": cfg.lab, "run_id": run.info.run_id, "experiment_id": experiment_id,
-            "model_uri": model_info.model_uri, "registered_model": registered,
+            "lab": cfg.lab,
+            "run_id": run.info.run_id,
+            "experiment_id": experiment_id,
+            "model_uri": model_info.model_uri,
+            "registered_model": registered,
             "registered_version": getattr(model_info, "registered_model_version", None),
-            "device": device, "epochs": len(rows), **summary,
+            "device": device,
+            "epochs": len(rows),
+            **summary,
         }
         model_dir = Path(cfg.paths.model_dir)
         save_outputs(model_dir, model, rows, run_info)
         mlflow.log_artifact(str(model_dir / "history.csv"))
-    log.info("%s: best epoch %d, val/accuracy %.4f (final %.4f), gap/accuracy %.4f, on %s",
-             cfg.lab, best_epoch, summary.get("best/val/accuracy", float("nan")),
-             summary.get("final/val/accuracy", float("nan")),
-             summary.get("final/gap/accuracy", float("nan")), device["device"])
+    log.info(
+        "%s: best epoch %d, val/accuracy %.4f (final %.4f), gap/accuracy %.4f, on %s",
+        cfg.lab,
+        best_epoch,
+        summary.get("best/val/accuracy", float("nan")),
+        summary.get("final/val/accuracy", float("nan")),
+        summary.get("final/gap/accuracy", float("nan")),
+        device["device"],
+    )
     return run_info
 
 
