@@ -48,11 +48,26 @@ def package_file(package: str, relative: str) -> str:
     return str(Path(next(iter(spec.submodule_search_locations))) / relative)
 
 
+def store_root() -> str:
+    """Folder of the MLflow store: $DLILABS_STORE_DIR, else the project root, except inside
+    DVC's temporary experiment folders (<project>/.dvc/tmp/exps/...), which log to the
+    project they were copied from, so `dvc exp run --temp` and queued runs share one store."""
+    if os.environ.get("DLILABS_STORE_DIR"):
+        return os.environ["DLILABS_STORE_DIR"]
+    root = project_root()
+    parts = root.parts
+    for index in range(len(parts) - 3):
+        if parts[index : index + 3] == (".dvc", "tmp", "exps"):
+            return str(Path(*parts[:index]))
+    return str(root)
+
+
 def register_resolvers() -> None:
-    """Register the resolvers conf/ uses: ${project_root:}, ${len:list} and
+    """Register the resolvers conf/ uses: ${project_root:}, ${store_root:}, ${len:list} and
     ${package_file:pkg,path}."""
     resolvers = {
         "project_root": lambda: str(project_root()),
+        "store_root": store_root,
         "len": len,
         "package_file": package_file,
     }
@@ -97,4 +112,18 @@ def stage_main(task: Callable[[DictConfig], object]) -> Callable[[], None]:
             log.error("interrupted (%s); the MLflow run, if any, is marked KILLED", interrupt)
             sys.exit(130)
 
-    return hydra.main(config_path=config_dir(), config_name="config", version_base="1.3")(guarded)
+    hydra_entry = hydra.main(config_path=config_dir(), config_name="config", version_base="1.3")(
+        guarded
+    )
+
+    @functools.wraps(task)
+    def entry() -> None:
+        try:
+            hydra_entry()
+        except BaseException as error:  # a failed job or Ctrl-C ends a sweep early
+            from dlilabs.sweep import close_unfinished_parent
+
+            close_unfinished_parent("KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED")
+            raise
+
+    return entry

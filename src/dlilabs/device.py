@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 
 import tensorflow as tf
 
@@ -61,3 +62,35 @@ def select_device(
         "gpu_count": str(len(gpus)),
         "precision": precision,
     }
+
+
+def launcher_cores(cores: int | None = None) -> int | None:
+    """Cores this job may use when a parallel Hydra launcher runs it: cores / joblib's n_jobs,
+    or submitit's cpus_per_task; None for a single run or the sequential launcher."""
+    from hydra.core.hydra_config import HydraConfig
+
+    try:
+        launcher = HydraConfig.get().launcher
+    except ValueError:  # not inside a Hydra app
+        return None
+    cores = cores or len(os.sched_getaffinity(0))
+    if launcher.get("n_jobs") is not None:
+        jobs = launcher.n_jobs if launcher.n_jobs > 0 else cores
+        return max(1, cores // jobs)
+    return launcher.get("cpus_per_task")
+
+
+def configure_threads(threads: int | str | None) -> int | None:
+    """Cap TensorFlow's thread pools: `threads` = a number, "auto" (the launcher's share of the
+    cores, else TensorFlow's default) or None (default). Returns the cap applied, if any."""
+    count = launcher_cores() if threads == "auto" else threads
+    if not count:
+        return None
+    try:
+        tf.config.threading.set_intra_op_parallelism_threads(int(count))
+        tf.config.threading.set_inter_op_parallelism_threads(int(count))
+    except RuntimeError:
+        # A reused worker process (joblib) already set them for an earlier job: same share.
+        pass
+    log.info("TensorFlow threads: %s per job", count)
+    return int(count)

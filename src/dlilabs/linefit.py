@@ -12,6 +12,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from dlilabs import tracking
 from dlilabs.io import write_json
+from dlilabs.sweep import child_tags_and_name, in_sweep, job_output_dir, job_overrides
 
 log = logging.getLogger("dlilabs.linefit")
 
@@ -73,7 +74,8 @@ def fit_line_lab(cfg: DictConfig) -> dict:
     floor = least_squares(x, y)
     experiment_id = tracking.connect(cfg.tracking)
     tags = tracking.run_tags(cfg, "line_fit", {"device": "cpu", "task": "regression"})
-    with tracking.lab_run(cfg.lab, tags) as run:
+    sweep_tags, run_name = child_tags_and_name(cfg.lab, job_overrides())
+    with tracking.lab_run(run_name, {**tags, **sweep_tags}) as run:
         mlflow.log_params(tracking.flatten_config(cfg))
         mlflow.log_text(OmegaConf.to_yaml(cfg, resolve=True), "config.yaml")
         model, rows, fitted = fit_line(x, y, cfg.trainer)
@@ -101,8 +103,10 @@ def fit_line_lab(cfg: DictConfig) -> dict:
             "epochs": len(rows),
             **metrics,
         }
-        save_outputs(Path(cfg.paths.model_dir), model, rows, run_info)
-        write_json(Path(cfg.paths.eval_dir) / "metrics.json", metrics)
+        model_dir = job_output_dir(cfg.paths.model_dir)
+        save_outputs(model_dir, model, rows, run_info)
+        eval_dir = model_dir if in_sweep() else Path(cfg.paths.eval_dir)
+        write_json(eval_dir / "metrics.json", metrics)
     log.info(
         "line_fit (%s): y = %.4f x + %.4f, MSE %.3f; least squares y = %.4f x + %.4f, MSE %.3f",
         cfg.trainer.optimizer,

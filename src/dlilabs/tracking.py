@@ -12,6 +12,7 @@ import contextlib
 import logging
 import os
 import signal
+import sqlite3
 import subprocess
 import time
 import types
@@ -39,21 +40,51 @@ HISTORY_COLUMNS = (
 def connect(tracking_cfg: DictConfig) -> str:
     """Point MLflow at the configured store and return the experiment id (created if new,
     with its artifacts under `tracking.artifact_location`, whatever the working directory)."""
-    if tracking_cfg.uri.startswith("sqlite:///"):
-        Path(tracking_cfg.uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+    database = tracking_cfg.uri.removeprefix("sqlite:///")
+    if database != tracking_cfg.uri:
+        Path(database).parent.mkdir(parents=True, exist_ok=True)
     mlflow.set_tracking_uri(tracking_cfg.uri)
-    experiment = mlflow.get_experiment_by_name(tracking_cfg.experiment_name)
+    experiment = retry_if_locked(mlflow.get_experiment_by_name, tracking_cfg.experiment_name)
+    if database != tracking_cfg.uri:
+        use_write_ahead_log(Path(database))
     if experiment is not None:
         experiment_id = experiment.experiment_id
     else:
         location = tracking_cfg.artifact_location
         if location and "://" not in location:
             location = Path(location).resolve().as_uri()
-        experiment_id = mlflow.create_experiment(
-            tracking_cfg.experiment_name, artifact_location=location
-        )
+        try:
+            experiment_id = mlflow.create_experiment(
+                tracking_cfg.experiment_name, artifact_location=location
+            )
+        except mlflow.exceptions.MlflowException:
+            # A parallel job created it between our lookup and now.
+            experiment_id = mlflow.get_experiment_by_name(
+                tracking_cfg.experiment_name
+            ).experiment_id
     mlflow.set_experiment(experiment_id=experiment_id)
     return experiment_id
+
+
+def use_write_ahead_log(database: Path) -> None:
+    """Switch a SQLite store to write-ahead logging (persistent, once per file): readers no
+    longer block the writer, so parallel sweep jobs rarely meet "database is locked"."""
+    with contextlib.closing(sqlite3.connect(database, timeout=30)) as connection:
+        if connection.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
+            retry_if_locked(connection.execute, "PRAGMA journal_mode=WAL")
+
+
+def retry_if_locked(function, *args, attempts: int = 8, **kwargs):
+    """Call `function`, retrying with backoff while SQLite says "database is locked"."""
+    for attempt in range(attempts):
+        try:
+            return function(*args, **kwargs)
+        except Exception as error:
+            if "database is locked" not in str(error) or attempt == attempts - 1:
+                raise
+            log.warning("MLflow store busy (database is locked); retrying")
+            time.sleep(0.2 * 2**attempt)
+    return None
 
 
 def flatten_config(cfg: DictConfig) -> dict[str, str]:
@@ -177,7 +208,8 @@ class EpochLogger(keras.callbacks.Callback):
             client = mlflow.MlflowClient()
             # log_batch takes at most 1000 metrics per call.
             for start in range(0, len(self._pending), 1000):
-                client.log_batch(run.info.run_id, metrics=self._pending[start : start + 1000])
+                batch = self._pending[start : start + 1000]
+                retry_if_locked(client.log_batch, run.info.run_id, metrics=batch)
         self._pending = []
         self._last_flush = time.monotonic()
 

@@ -20,18 +20,23 @@ from omegaconf import DictConfig, OmegaConf
 
 from dlilabs import tracking
 from dlilabs.config import stage_main
+from dlilabs.errors import UserError
 from dlilabs.io import atomic_path, sha256_file, write_json
+from dlilabs.sweep import child_tags_and_name, job_output_dir, job_overrides
 
 log = logging.getLogger("dlilabs.train")
 
 
 def make_optimizer(optimizer: str, learning_rate: float | None) -> keras.optimizers.Optimizer:
     """A Keras optimizer by name; `learning_rate=None` keeps Keras' default (RMSprop: 1e-3)."""
-    if learning_rate is None:
-        return keras.optimizers.get(optimizer)
-    return keras.optimizers.get(
-        {"class_name": optimizer, "config": {"learning_rate": learning_rate}}
-    )
+    config = {} if learning_rate is None else {"learning_rate": learning_rate}
+    try:
+        return keras.optimizers.get({"class_name": optimizer, "config": config})
+    except ValueError as error:
+        raise UserError(
+            f"trainer.optimizer={optimizer!r} is not a Keras optimizer: use one of sgd, rmsprop, "
+            "adam, adamw, adagrad, adadelta, adamax, nadam, ftrl, lion"
+        ) from error
 
 
 def seed_everything(seed: int, deterministic: bool = False) -> None:
@@ -90,7 +95,7 @@ def data_tags(train_file: Path, val_file: Path, train_rows: int, val_rows: int) 
 def train_lab(cfg: DictConfig) -> dict:
     """Train the image lab `cfg` describes; returns the run summary also written to run.json."""
     from dlilabs.data import build_augmenter, load_split, make_dataset
-    from dlilabs.device import select_device
+    from dlilabs.device import configure_threads, select_device
     from dlilabs.models import build_model
 
     trainer = cfg.trainer
@@ -98,6 +103,7 @@ def train_lab(cfg: DictConfig) -> dict:
     device = select_device(
         trainer.device, trainer.require_gpu, trainer.memory_growth, trainer.mixed_precision
     )
+    configure_threads(trainer.threads)
     seed_everything(trainer.seed, trainer.deterministic)
     prepared = Path(cfg.paths.prepared_dir)
     x_train, y_train = load_split(prepared / "train.npz")
@@ -133,7 +139,8 @@ def train_lab(cfg: DictConfig) -> dict:
             **data_tags(prepared / "train.npz", prepared / "val.npz", len(x_train), len(x_val)),
         },
     )
-    with tracking.lab_run(cfg.lab, tags) as run:
+    sweep_tags, run_name = child_tags_and_name(cfg.lab, job_overrides())
+    with tracking.lab_run(run_name, {**tags, **sweep_tags}) as run:
         log.info("MLflow run %s (%s) in experiment %s", run.info.run_id, cfg.lab, experiment_id)
         mlflow.log_params(tracking.flatten_config(cfg))
         mlflow.log_text(OmegaConf.to_yaml(cfg, resolve=True), "config.yaml")
@@ -154,7 +161,7 @@ def train_lab(cfg: DictConfig) -> dict:
             "epochs": len(rows),
             **summary,
         }
-        model_dir = Path(cfg.paths.model_dir)
+        model_dir = job_output_dir(cfg.paths.model_dir)
         save_outputs(model_dir, model, rows, run_info)
         mlflow.log_artifact(str(model_dir / "history.csv"))
     log.info(

@@ -1,0 +1,165 @@
+"""Hydra multirun as grouped MLflow runs: one parent run per sweep, every job a child.
+
+`MlflowSweepCallback` (wired in conf/config.yaml under hydra.callbacks) creates the parent
+run when a train sweep starts and hands its id to the jobs through an environment variable,
+which every launcher passes on (in-process, joblib workers, submitit/SLURM jobs). Each job's
+run then carries `mlflow.parentRunId` and a name saying what varies. When the sweep ends the
+parent gets the sweep's overrides, the best child by `sweep.metric`, and a summary table.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig
+
+log = logging.getLogger("dlilabs.sweep")
+
+PARENT_ENV = "DLILABS_PARENT_RUN_ID"
+VARYING_ENV = "DLILABS_SWEEP_KEYS"
+RANK_ENV = "DLILABS_SWEEP_RANK"  # "metric,goal", to summarise a sweep that ended in error
+
+
+def job_overrides() -> list[str]:
+    """The running Hydra job's command-line overrides ([] outside a Hydra app, e.g. tests)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    try:
+        return list(HydraConfig.get().overrides.task)
+    except ValueError:
+        return []
+
+
+def in_sweep() -> bool:
+    """True inside a job of a `python -m dlilabs.train -m` sweep."""
+    return bool(os.environ.get(PARENT_ENV))
+
+
+def job_output_dir(default: str) -> Path:
+    """Where a job writes its model: `default` (models/<lab>, DVC's outputs) for a single run,
+    the job's own Hydra folder in a sweep, so jobs never overwrite one another's model."""
+    if not in_sweep():
+        return Path(default)
+    from hydra.core.hydra_config import HydraConfig
+
+    try:
+        return Path(HydraConfig.get().runtime.output_dir)
+    except ValueError:
+        return Path(default)
+
+
+def sweep_keys(overrides: list[str]) -> list[str]:
+    """The keys a sweep varies: `["model.dropout=0.1,0.3", "lab=x"]` -> `["model.dropout"]`."""
+    parsed = OverridesParser.create().parse_overrides(overrides)
+    return [override.get_key_element() for override in parsed if override.is_sweep_override()]
+
+
+def child_tags_and_name(lab: str, job_overrides: list[str]) -> tuple[dict[str, str], str]:
+    """Tags and run name for a job of the current sweep (nothing outside a sweep):
+    ({"mlflow.parentRunId": ...}, "asl_cnn model.dropout=0.1 augment=dli")."""
+    parent = os.environ.get(PARENT_ENV)
+    if not parent:
+        return {}, lab
+    varying = set(filter(None, os.environ.get(VARYING_ENV, "").split(",")))
+    chosen = [o for o in job_overrides if o.split("=", 1)[0].lstrip("+~") in varying]
+    return {"mlflow.parentRunId": parent, "sweep": "child"}, " ".join([lab, *chosen])
+
+
+def best_child(children: list, metric: str, goal: str):
+    """The child run with the best `metric` (goal "max" or "min"), or None if none has it."""
+    scored = [run for run in children if metric in run.data.metrics]
+    if not scored:
+        return None
+    pick = max if goal == "max" else min
+    return pick(scored, key=lambda run: run.data.metrics[metric])
+
+
+def summary_table(children: list, metric: str) -> str:
+    """Markdown table of the children: name, status, the sweep metric and the final gap."""
+    lines = [f"| run | status | {metric} | final/gap/accuracy |", "|---|---|---|---|"]
+    for run in sorted(children, key=lambda r: r.info.run_name or ""):
+        value = run.data.metrics.get(metric, float("nan"))
+        gap = run.data.metrics.get("final/gap/accuracy", float("nan"))
+        lines.append(f"| {run.info.run_name} | {run.info.status} | {value:.4f} | {gap:.4f} |")
+    return "\n".join(lines) + "\n"
+
+
+class MlflowSweepCallback(Callback):
+    """Creates, summarises and ends the parent run of a `python -m dlilabs.train -m` sweep."""
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        if config.hydra.job.name != "train":
+            return
+        import mlflow
+        from mlflow.entities import Param
+
+        from dlilabs import tracking
+
+        # Connecting here creates the store's schema once, before parallel jobs race to.
+        experiment_id = tracking.connect(config.tracking)
+        overrides = list(config.hydra.overrides.task)
+        run = mlflow.MlflowClient().create_run(
+            experiment_id,
+            run_name=f"sweep {config.lab} " + " ".join(overrides),
+            tags={
+                "sweep": "parent",
+                "lab": str(config.lab),
+                "demo": str(config.demo).lower(),
+                "sweep.dir": str(config.hydra.sweep.dir),
+            },
+        )
+        mlflow.MlflowClient().log_batch(
+            run.info.run_id,
+            params=[
+                Param(f"override.{key}", value)
+                for key, _, value in (override.partition("=") for override in overrides)
+            ],
+        )
+        os.environ[PARENT_ENV] = run.info.run_id
+        os.environ[VARYING_ENV] = ",".join(sweep_keys(overrides))
+        os.environ[RANK_ENV] = f"{config.sweep.metric},{config.sweep.goal}"
+        log.info("MLflow parent run %s for this sweep", run.info.run_id)
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        parent = os.environ.get(PARENT_ENV)
+        if config.hydra.job.name != "train" or not parent:
+            return
+        finish_parent(parent, config.sweep.metric, config.sweep.goal, "FINISHED")
+
+
+def finish_parent(parent: str, metric: str, goal: str, status: str) -> None:
+    """Log the sweep's summary on the parent run and end it with `status`."""
+    import mlflow
+
+    client = mlflow.MlflowClient()
+    experiment_id = client.get_run(parent).info.experiment_id
+    children = client.search_runs([experiment_id], f"tags.mlflow.parentRunId = '{parent}'")
+    best = best_child(children, metric, goal)
+    if best is not None:
+        client.set_tag(parent, "best_child.run_id", best.info.run_id)
+        client.set_tag(parent, "best_child.name", best.info.run_name)
+        for name in (metric, "final/gap/accuracy", "best/gap/accuracy", "gap/mse"):
+            if name in best.data.metrics:
+                client.log_metric(parent, f"best_child/{name}", best.data.metrics[name])
+        log.info("Sweep best: %s (%s %.4f)", best.info.run_name, metric, best.data.metrics[metric])
+    client.log_metric(parent, "children", len(children))
+    client.log_text(parent, summary_table(children, metric), "sweep_summary.md")
+    client.set_terminated(parent, status)
+    for variable in (PARENT_ENV, VARYING_ENV, RANK_ENV):
+        os.environ.pop(variable, None)
+
+
+def close_unfinished_parent(status: str) -> None:
+    """After a sweep that raised (a job failed, Ctrl-C): end its parent run with `status`."""
+    parent = os.environ.get(PARENT_ENV)
+    if parent:
+        metric, _, goal = os.environ.get(RANK_ENV, "best/val/accuracy,max").partition(",")
+        try:
+            finish_parent(parent, metric, goal, status)
+        except Exception as error:  # the store may be what failed; do not mask the cause
+            log.warning("could not close the sweep's parent run %s: %s", parent, error)
