@@ -44,7 +44,7 @@ def demo_params(params: dict, epochs: int) -> dict:
 def make_workspace(source: Path, workspace: Path, epochs: int, git: bool = False) -> Path:
     """Create or refresh a DVC workspace at `workspace` running the demo pipeline.
 
-    Copies conf/, src/ and dvc.yaml from `source` (so DVC tracks the same dependencies) and
+    Copies conf/, src/, dvc.yaml and the ignore files from `source` (so DVC tracks the same dependencies) and
     writes the demo params.yaml; `git=True` makes it a git repo, else DVC runs without git."""
     workspace.mkdir(parents=True, exist_ok=True)
     for folder in ("conf", "src"):
@@ -54,7 +54,8 @@ def make_workspace(source: Path, workspace: Path, epochs: int, git: bool = False
             dirs_exist_ok=True,
             ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"),
         )
-    shutil.copy2(source / "dvc.yaml", workspace / "dvc.yaml")
+    for name in ("dvc.yaml", ".gitignore", ".dvcignore"):
+        shutil.copy2(source / name, workspace / name)
     params = yaml.safe_load((source / "params.yaml").read_text())
     (workspace / "params.yaml").write_text(
         "# Written by dlilabs.demo from the project's params.yaml: do not edit.\n"

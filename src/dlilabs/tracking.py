@@ -143,6 +143,8 @@ def run_tags(cfg: DictConfig, stage: str, extra: dict[str, str]) -> dict[str, st
         "dvc.stage": os.environ.get("DVC_STAGE", stage),
         "dvc.managed": str("DVC_STAGE" in os.environ).lower(),
         "demo": str(bool(cfg.demo)).lower(),
+        # Where it ran: the project, or a copy (DVC's temporary experiment folders).
+        "dlilabs.workdir": str(cfg.paths.root),
         "tensorflow.version": tf.__version__,
         "keras.version": keras.__version__,
         **git_state(Path(cfg.paths.root)),
