@@ -16,6 +16,18 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED_DATASETS = REPO.parent / "shared" / "datasets"
 
 
+@pytest.fixture(autouse=True)
+def _restore_tracking_uri():
+    """mlflow.set_tracking_uri also exports MLFLOW_TRACKING_URI, which would send the stages
+    that later tests start as subprocesses to an earlier test's store: undo it after each."""
+    before = os.environ.get("MLFLOW_TRACKING_URI")
+    yield
+    if before is None:
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+    else:
+        os.environ["MLFLOW_TRACKING_URI"] = before
+
+
 @pytest.fixture
 def project(tmp_path, monkeypatch) -> Path:
     """A project folder holding a copy of conf/; every stage path and the MLflow store
