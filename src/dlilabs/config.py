@@ -111,6 +111,15 @@ def stage_main(task: Callable[[DictConfig], object]) -> Callable[[], None]:
         except KeyboardInterrupt as interrupt:
             log.error("interrupted (%s); the MLflow run, if any, is marked KILLED", interrupt)
             sys.exit(130)
+        except Exception as error:
+            from dlilabs.server import tracking_user_error
+
+            # A tracking server that went away is the user's to fix, like a config mistake.
+            user_error = tracking_user_error(error)
+            if user_error is None:
+                raise
+            print(f"error: {user_error}", file=sys.stderr)
+            sys.exit(2)
 
     hydra_entry = hydra.main(config_path=config_dir(), config_name="config", version_base="1.3")(
         guarded

@@ -25,6 +25,8 @@ import numpy as np
 from mlflow.entities import Metric
 from omegaconf import DictConfig, OmegaConf
 
+from dlilabs.server import apply_client_settings
+
 log = logging.getLogger("dlilabs.tracking")
 
 HISTORY_COLUMNS = (
@@ -40,6 +42,7 @@ HISTORY_COLUMNS = (
 def connect(tracking_cfg: DictConfig) -> str:
     """Point MLflow at the configured store and return the experiment id (created if new,
     with its artifacts under `tracking.artifact_location`, whatever the working directory)."""
+    apply_client_settings(tracking_cfg)  # a dead server fails fast, not after minutes
     database = tracking_cfg.uri.removeprefix("sqlite:///")
     if database != tracking_cfg.uri:
         Path(database).parent.mkdir(parents=True, exist_ok=True)
@@ -204,16 +207,17 @@ class EpochLogger(keras.callbacks.Callback):
         self.flush()
 
     def flush(self) -> None:
-        """Send the buffered epoch metrics to the active run."""
+        """Send the buffered epoch metrics to the active run (once: a failed send is not
+        retried by the next flush, so a dead server costs one timeout, not several)."""
+        pending, self._pending = self._pending, []
+        self._last_flush = time.monotonic()
         run = mlflow.active_run()
-        if self._pending and run is not None:
+        if pending and run is not None:
             client = mlflow.MlflowClient()
             # log_batch takes at most 1000 metrics per call.
-            for start in range(0, len(self._pending), 1000):
-                batch = self._pending[start : start + 1000]
+            for start in range(0, len(pending), 1000):
+                batch = pending[start : start + 1000]
                 retry_if_locked(client.log_batch, run.info.run_id, metrics=batch)
-        self._pending = []
-        self._last_flush = time.monotonic()
 
 
 class KeepBestWeights(keras.callbacks.Callback):
