@@ -7,7 +7,7 @@ BIN    := $(VENV)/bin
 export PATH := $(abspath $(BIN)):$(PATH)
 
 .DEFAULT_GOAL := help
-.PHONY: help install dev test test-fast lint format demo repro bench ui clean
+.PHONY: help install dev test test-fast lint format demo repro bench ui server compare clean
 
 help: ## List the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -53,6 +53,12 @@ bench: dev ## Print speed and memory ratios measured side by side
 ui: install ## MLflow UI over the project's store on http://127.0.0.1:5000 (PORT=5000)
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db \
 		--default-artifact-root $(CURDIR)/mlartifacts --host 127.0.0.1 --port $(or $(PORT),5000)
+
+server: install ## Team tracking server: PostgreSQL + MLflow on http://127.0.0.1:5001 (PORT=5001)
+	$(PY) -m dlilabs.server --port $(or $(PORT),5001) --data-dir $(CURDIR)/build/server
+
+compare: install ## Labs side by side: build/reports/comparison.{png,md} (ARGS="--experiment dlilabs-demo")
+	$(PY) -m dlilabs.compare $(ARGS)
 
 clean: ## Remove pipeline outputs and logs (keeps .venv and the MLflow store)
 	rm -rf data models eval logs build

@@ -110,3 +110,19 @@ def server():
     yield httpd
     httpd.shutdown()
     httpd.server_close()
+
+
+@pytest.fixture(scope="session")
+def demo_pipeline(tmp_path_factory) -> Path:
+    """A git repo after the real `dvc repro` of the demo pipeline (bundled MNIST rows, one
+    epoch per lab), its MLflow store inside (experiment dlilabs-demo). Shared: it takes minutes."""
+    from dlilabs.demo import dvc, make_workspace
+
+    workspace = make_workspace(REPO, tmp_path_factory.mktemp("demo") / "repo", epochs=1, git=True)
+    with pytest.MonkeyPatch.context() as patch:
+        # An earlier test's mlflow.set_tracking_uri may still be exported: the stages would
+        # obey it over DLILABS_STORE_DIR.
+        patch.delenv("MLFLOW_TRACKING_URI", raising=False)
+        result = dvc(workspace, "repro", store_dir=workspace, check=False)
+    assert result.returncode == 0, "dvc repro of the demo pipeline failed: see the output above"
+    return workspace

@@ -32,7 +32,8 @@ def test_evaluate_writes_dvc_outputs_and_logs_to_the_train_run(project, tiny_mni
     written = json.loads((eval_dir / "metrics.json").read_text())
     assert written["val"]["accuracy"] == pytest.approx(metrics["val"]["accuracy"])
     assert written["gap"]["accuracy"] == pytest.approx(
-        written["train"]["accuracy"] - written["val"]["accuracy"])
+        written["train"]["accuracy"] - written["val"]["accuracy"]
+    )
     per_class = pd.read_csv(eval_dir / "class_accuracy.csv", dtype={"class": str})
     assert list(per_class["class"]) == [str(d) for d in range(10)]
     assert per_class.accuracy.between(0, 1).all()
@@ -41,7 +42,8 @@ def test_evaluate_writes_dvc_outputs_and_logs_to_the_train_run(project, tiny_mni
     confusion = pd.read_csv(eval_dir / "confusion.csv", dtype=str)
     assert list(confusion.columns) == ["actual", "predicted"] and len(confusion) == 80
     assert (confusion.actual == confusion.predicted).mean() == pytest.approx(
-        written["val"]["accuracy"])
+        written["val"]["accuracy"]
+    )
 
     client = MlflowClient(f"sqlite:///{project}/mlflow.db")
     run = client.get_run(summary["run_id"])
@@ -50,8 +52,11 @@ def test_evaluate_writes_dvc_outputs_and_logs_to_the_train_run(project, tiny_mni
     assert run.data.metrics["eval/gap_accuracy"] == pytest.approx(written["gap"]["accuracy"])
     assert "eval/class_accuracy/7" in run.data.metrics
     paths = {item.path for item in client.list_artifacts(run.info.run_id, "evaluation")}
-    assert paths == {"evaluation/confusion_matrix.json", "evaluation/metrics.json",
-                     "evaluation/class_accuracy.csv"}
+    assert paths == {
+        "evaluation/confusion_matrix.json",
+        "evaluation/metrics.json",
+        "evaluation/class_accuracy.csv",
+    }
 
 
 def test_evaluate_without_a_model_says_to_train_first(project, tiny_mnist):

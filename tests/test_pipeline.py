@@ -19,7 +19,7 @@ import yaml
 from mlflow import MlflowClient
 
 from conftest import REPO, make_images
-from dlilabs.demo import dvc, make_workspace
+from dlilabs.demo import make_workspace
 
 pytestmark = pytest.mark.slow
 IMAGE_LABS = sorted(yaml.safe_load((REPO / "params.yaml").read_text())["labs"])
@@ -49,12 +49,9 @@ def _dvc_env(workspace: Path) -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def reproduced(tmp_path_factory) -> Path:
-    """A git repo running the whole pipeline once (demo data, 1 epoch), store inside it."""
-    workspace = make_workspace(REPO, tmp_path_factory.mktemp("e2e") / "repo", epochs=1, git=True)
-    result = dvc(workspace, "repro", store_dir=workspace, check=False)
-    assert result.returncode == 0, "dvc repro failed: see the captured output"
-    return workspace
+def reproduced(demo_pipeline) -> Path:
+    """The whole pipeline run once in a git repo (demo data, 1 epoch), its store inside."""
+    return demo_pipeline
 
 
 def lab_runs(workspace: Path) -> tuple[MlflowClient, dict]:

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import yaml
 
-from dlilabs.config import project_root
+from dlilabs.config import project_root, store_root
 
 DEMO_DATASET = "mnist_demo"
 
@@ -44,8 +44,9 @@ def demo_params(params: dict, epochs: int) -> dict:
 def make_workspace(source: Path, workspace: Path, epochs: int, git: bool = False) -> Path:
     """Create or refresh a DVC workspace at `workspace` running the demo pipeline.
 
-    Copies conf/, src/, dvc.yaml and the ignore files from `source` (so DVC tracks the same dependencies) and
-    writes the demo params.yaml; `git=True` makes it a git repo, else DVC runs without git."""
+    Copies conf/, src/, dvc.yaml and the ignore files from `source` (so DVC tracks the same
+    dependencies) and writes the demo params.yaml; `git=True` makes it a git repo, else DVC
+    runs without git."""
     workspace.mkdir(parents=True, exist_ok=True)
     for folder in ("conf", "src"):
         shutil.copytree(
@@ -98,7 +99,8 @@ def main(argv: list[str] | None = None) -> int:
         flush=True,
     )
     started = time.monotonic()
-    result = dvc(workspace, "repro", store_dir=root, check=False)
+    store = Path(store_root())
+    result = dvc(workspace, "repro", store_dir=store, check=False)
     if result.returncode != 0:
         print(
             f"error: the demo pipeline failed (dvc repro exit {result.returncode}); "
@@ -109,10 +111,10 @@ def main(argv: list[str] | None = None) -> int:
     lab_metrics = sorted(
         str(p.relative_to(workspace)) for p in workspace.glob("eval/*/metrics.json")
     )
-    dvc(workspace, "metrics", "show", *lab_metrics, store_dir=root, check=False)
+    dvc(workspace, "metrics", "show", *lab_metrics, store_dir=store, check=False)
     print(
         f"\nDemo done in {time.monotonic() - started:.0f} s. Runs are in the MLflow "
-        f"experiment 'dlilabs-demo' of {root / 'mlflow.db'}:\n"
+        f"experiment 'dlilabs-demo' of {store / 'mlflow.db'}:\n"
         "  make ui          # then open http://127.0.0.1:5000\n"
         f"  cd {workspace} && dvc plots show   # learning curves, confusion matrices"
     )

@@ -2,9 +2,13 @@
 
 Loads `model.keras` (safe mode) and the prepared splits; writes to `paths.eval_dir`:
 `metrics.json` (DVC metrics: loss and accuracy on both splits, the gap), `class_accuracy.csv`
-(validation accuracy per class, a DVC bar chart) and `confusion.csv` (one row per validation image, actual and predicted class name: DVC's
-confusion template counts them). Logs the same metrics, the confusion matrix and a per-class
-table to the lab's MLflow run, whose id the train stage left in `run.json`.
+(validation accuracy per class, a DVC bar chart) and `confusion.csv` (one row per validation
+image, actual and predicted class name: DVC's confusion template counts them). Logs the same
+metrics, the confusion matrix and a per-class table to the lab's MLflow run, whose id the
+train stage left in `run.json`. Also draws `learning_curves.png`, `confusion.png` and
+`train_inputs.png` (dlilabs.plots; logged under the run's `plots/`), and moves the registry
+alias `champion` to this model version when its eval/val_accuracy beats the current
+champion's (dlilabs.compare.update_champion).
 """
 
 from __future__ import annotations
@@ -32,25 +36,34 @@ def load_trained(model_dir: Path) -> tuple[keras.Model, dict]:
     model_file, run_file = model_dir / "model.keras", model_dir / "run.json"
     for required in (model_file, run_file):
         if not required.is_file():
-            raise UserError(f"{required} does not exist: run the train stage first "
-                            f"(`dvc repro train@{model_dir.name}`)")
+            raise UserError(
+                f"{required} does not exist: run the train stage first "
+                f"(`dvc repro train@{model_dir.name}`)"
+            )
     return keras.saving.load_model(model_file, safe_mode=True), read_json(run_file)
 
 
-def score(model: keras.Model, images: np.ndarray, labels: np.ndarray, num_classes: int,
-          batch_size: int = 256) -> tuple[float, float, np.ndarray]:
+def score(
+    model: keras.Model,
+    images: np.ndarray,
+    labels: np.ndarray,
+    num_classes: int,
+    batch_size: int = 256,
+) -> tuple[float, float, np.ndarray]:
     """uint8 images (n, 28, 28), int labels (n,) -> (mean cross-entropy, accuracy,
     predicted class indices (n,))."""
-    probabilities = model.predict(images.astype(np.float32) / 255.0, batch_size=batch_size,
-                                  verbose=0)
+    probabilities = model.predict(
+        images.astype(np.float32) / 255.0, batch_size=batch_size, verbose=0
+    )
     one_hot = keras.utils.to_categorical(labels, num_classes)
     loss = float(np.mean(keras.losses.categorical_crossentropy(one_hot, probabilities)))
     predictions = probabilities.argmax(axis=1)
     return loss, float(np.mean(predictions == labels)), predictions
 
 
-def class_report(labels: np.ndarray, predictions: np.ndarray, class_names: list[str]
-                 ) -> tuple[np.ndarray, dict[str, float]]:
+def class_report(
+    labels: np.ndarray, predictions: np.ndarray, class_names: list[str]
+) -> tuple[np.ndarray, dict[str, float]]:
     """Confusion matrix (classes, classes) with rows = actual, and accuracy per class name
     (recall; NaN-free: a class absent from `labels` gets 0.0)."""
     matrix = confusion_matrix(labels, predictions, labels=range(len(class_names)))
@@ -85,35 +98,66 @@ def evaluate_lab(cfg: DictConfig) -> dict:
     # Per-class accuracy is a chart (24 columns would swamp `dvc metrics show`).
     with atomic_path(eval_dir / "class_accuracy.csv") as temporary:
         pd.DataFrame({"class": list(per_class), "accuracy": list(per_class.values())}).to_csv(
-            temporary, index=False)
+            temporary, index=False
+        )
     names = np.asarray(class_names)
     with atomic_path(eval_dir / "confusion.csv") as temporary:
         pd.DataFrame({"actual": names[y_val], "predicted": names[predictions]}).to_csv(
-            temporary, index=False)
+            temporary, index=False
+        )
+    from dlilabs import plots  # matplotlib is imported by the stages that draw, only
+
+    figures = plots.write_eval_figures(
+        cfg, matrix, (x_train, y_train), val_accuracy, run_info.get("best_epoch")
+    )
 
     tracking.connect(cfg.tracking)
     with tracking.lab_run(cfg.lab, run_id=run_info["run_id"]):
-        mlflow.log_metrics({
-            "eval/train_loss": train_loss, "eval/train_accuracy": train_accuracy,
-            "eval/val_loss": val_loss, "eval/val_accuracy": val_accuracy,
-            "eval/gap_accuracy": metrics["gap"]["accuracy"], "eval/gap_loss": metrics["gap"]["loss"],
-        })
-        mlflow.log_metrics({f"eval/class_accuracy/{name}": value
-                            for name, value in per_class.items()})
-        mlflow.log_dict({"classes": class_names, "rows_actual": matrix.tolist()},
-                        "evaluation/confusion_matrix.json")
+        mlflow.log_metrics(
+            {
+                "eval/train_loss": train_loss,
+                "eval/train_accuracy": train_accuracy,
+                "eval/val_loss": val_loss,
+                "eval/val_accuracy": val_accuracy,
+                "eval/gap_accuracy": metrics["gap"]["accuracy"],
+                "eval/gap_loss": metrics["gap"]["loss"],
+            }
+        )
+        mlflow.log_metrics(
+            {f"eval/class_accuracy/{name}": value for name, value in per_class.items()}
+        )
+        mlflow.log_dict(
+            {"classes": class_names, "rows_actual": matrix.tolist()},
+            "evaluation/confusion_matrix.json",
+        )
         for name in ("metrics.json", "class_accuracy.csv"):
             mlflow.log_artifact(str(eval_dir / name), "evaluation")
-    log.info("%s: val accuracy %.4f, train accuracy %.4f, gap %.4f (run %s)", cfg.lab,
-             val_accuracy, train_accuracy, metrics["gap"]["accuracy"], run_info["run_id"])
+        for figure in figures:
+            mlflow.log_artifact(str(figure), "plots")
+    if run_info.get("registered_version"):
+        from dlilabs.compare import update_champion
+
+        update_champion(
+            mlflow.MlflowClient(), run_info["registered_model"], run_info["registered_version"]
+        )
+    log.info(
+        "%s: val accuracy %.4f, train accuracy %.4f, gap %.4f (run %s)",
+        cfg.lab,
+        val_accuracy,
+        train_accuracy,
+        metrics["gap"]["accuracy"],
+        run_info["run_id"],
+    )
     return metrics
 
 
 def run(cfg: DictConfig) -> dict:
     """Evaluate an image lab; the line fit evaluates itself in its train stage."""
     if cfg.dataset.task != "classification":
-        raise UserError(f"lab {cfg.lab!r} is a {cfg.dataset.task} lab: its train stage writes "
-                        "its own metrics; there is nothing to evaluate")
+        raise UserError(
+            f"lab {cfg.lab!r} is a {cfg.dataset.task} lab: its train stage writes "
+            "its own metrics; there is nothing to evaluate"
+        )
     return evaluate_lab(cfg)
 
 

@@ -350,6 +350,9 @@ def run(cfg: DictConfig, engine: str | None = None) -> dict:
     splits = load_splits(cfg, engine)
     summary = summarize(cfg, splits)
     write_outputs(cfg.paths.prepared_dir, splits, summary)
+    from dlilabs.plots import write_samples  # matplotlib only here: reading stays light
+
+    write_samples(cfg.paths.prepared_dir, splits["train"], summary["class_names"], cfg.dataset.name)
     rows = ", ".join(f"{split} {len(y)}" for split, (_, y) in splits.items())
     log.info("prepared %s: %s rows -> %s", cfg.dataset.name, rows, cfg.paths.prepared_dir)
     return summary

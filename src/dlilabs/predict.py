@@ -1,0 +1,236 @@
+"""`python -m dlilabs.predict MODEL INPUT...`: classify images with a trained lab model.
+
+    python -m dlilabs.predict asl_cnn_aug hand.jpg b.png          # lab name: latest version
+    python -m dlilabs.predict models:/asl_cnn_aug@champion hand.jpg   # registry alias
+    python -m dlilabs.predict models/asl_cnn/model.keras sign_mnist_test.csv --top-k 5
+
+MODEL is a registered model name (its latest version), a lab whose `models/<lab>/model.keras`
+exists in the project, an MLflow URI (`models:/<name>@<alias>`, `models:/<name>/<version>`,
+`runs:/<id>/model`) or a path (a .keras file, an MLflow model folder). INPUTs are images
+(PNG, JPEG, ... of any size: loaded as the course's next lab does, grayscale and resized to
+28x28, then scaled by 1/255) or CSV files in the Kaggle layout (`label` optional, then
+pixel1..pixel784), one prediction per row. Prints the top classes with their probabilities,
+as letters for ASL models; for CSV rows with a label, the actual class too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+from dlilabs.config import project_root
+from dlilabs.errors import UserError
+
+IMAGE_SIZE = (28, 28)
+FORMATS = "an image (PNG, JPEG, ...) or a Kaggle-layout CSV (label,pixel1..pixel784)"
+
+
+def load_image(path: Path) -> np.ndarray:
+    """An image file of any size and mode -> float32 (28, 28) in [0, 1]: grayscale, resized
+    with Keras' `load_img` as the course does (nearest neighbour), divided by 255."""
+    import keras
+    from PIL import UnidentifiedImageError
+
+    try:
+        image = keras.utils.load_img(path, color_mode="grayscale", target_size=IMAGE_SIZE)
+    except (UnidentifiedImageError, OSError, ValueError) as error:
+        raise UserError(
+            f"{path}: not a readable image ({type(error).__name__}); give {FORMATS}"
+        ) from None
+    return keras.utils.img_to_array(image)[..., 0] / 255.0
+
+
+def load_csv(path: Path) -> tuple[np.ndarray, np.ndarray | None]:
+    """A Kaggle-layout CSV -> float32 images (n, 28, 28) in [0, 1] and the raw `label`
+    column (n,) if there is one. Bad cells are UserErrors naming the row and column."""
+    from dlilabs.preprocess import PIXELS, frame_values, pixel_names, read_csv, to_images
+
+    frame = read_csv(path, header=True)
+    columns = pixel_names()
+    missing = [name for name in columns if name not in frame.columns]
+    if missing:
+        raise UserError(
+            f"{path}: expected the {PIXELS} columns pixel1..pixel{PIXELS} of "
+            f"Kaggle's layout, {len(missing)} missing (e.g. {missing[0]})"
+        )
+    if frame.empty:
+        raise UserError(f"{path}: no data rows")
+    images = to_images(frame_values(frame[columns], path.name), path.name, columns)
+    labels = frame_values(frame[["label"]], path.name)[:, 0] if "label" in frame else None
+    return images.astype(np.float32) / 255.0, labels
+
+
+def read_inputs(paths: list[Path]) -> tuple[list[str], np.ndarray, list[object]]:
+    """Files -> (one name per image, float32 images (n, 28, 28), raw labels or None each)."""
+    for path in paths:
+        if not path.is_file():
+            raise UserError(f"{path}: no such file; give {FORMATS}")
+    names, batches, labels = [], [], []
+    for path in paths:
+        if path.suffix.lower() in (".csv", ".gz"):
+            images, raw = load_csv(path)
+            names += [f"{path.name} row {row}" for row in range(1, len(images) + 1)]
+            labels += list(raw) if raw is not None else [None] * len(images)
+        else:
+            images = load_image(path)[np.newaxis]
+            names.append(path.name)
+            labels.append(None)
+        batches.append(images)
+    return names, np.concatenate(batches).astype(np.float32), labels
+
+
+def tracking_uri(uri: str | None) -> str:
+    """The store to look models up in: `uri`, else the one the stages use (conf/tracking)."""
+    if uri:
+        return uri
+    from dlilabs.config import compose
+
+    return compose().tracking.uri
+
+
+def store_exists(uri: str) -> bool:
+    """False for a SQLite store whose file is missing (opening it would create it)."""
+    database = uri.removeprefix("sqlite:///")
+    return database == uri or Path(database).is_file()
+
+
+def load_model(spec: str, root: Path, uri: str):
+    """MODEL (see the module doc) -> (Keras model, dataset name or None, description)."""
+    import keras
+    import mlflow
+
+    mlflow.set_tracking_uri(uri)
+    if spec.startswith(("models:/", "runs:/")):
+        return _load_mlflow(spec, uri) + (spec,)
+    path = Path(spec)
+    if path.is_dir() and (path / "MLmodel").is_file():
+        return mlflow.keras.load_model(str(path)), None, str(path)
+    if path.is_dir() and (path / "model.keras").is_file():
+        path = path / "model.keras"
+    if path.is_file():
+        try:
+            return keras.saving.load_model(path, safe_mode=True), None, str(path)
+        except (ValueError, OSError) as error:
+            raise UserError(f"{path}: not a Keras model file ({error})") from None
+    version = _latest_version(spec, uri) if store_exists(uri) and "/" not in spec else None
+    if version is not None:
+        model_uri = f"models:/{spec}/{version}"
+        return _load_mlflow(model_uri, uri) + (model_uri,)
+    local = root / "models" / spec / "model.keras"
+    if local.is_file():
+        return keras.saving.load_model(local, safe_mode=True), None, str(local)
+    raise UserError(
+        f"no model {spec!r}: not a file, not a registered model in {uri} and no "
+        f"{local.relative_to(root)} in {root}. Train it first (`dvc repro "
+        f"train@{spec}`), or give a path or models:/<name>@<alias>"
+    )
+
+
+def _latest_version(name: str, uri: str) -> str | None:
+    """The highest version number registered under `name`, or None."""
+    from mlflow import MlflowClient
+
+    versions = MlflowClient(uri).search_model_versions(f"name = '{name.replace(chr(39), '')}'")
+    return max((v.version for v in versions), key=int, default=None)
+
+
+def _load_mlflow(model_uri: str, uri: str):
+    """(Keras model, its run's dataset.name param or None) from an MLflow model URI."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    if not store_exists(uri):
+        raise UserError(
+            f"no MLflow store at {uri}: cannot resolve {model_uri}; run the "
+            "pipeline first or pass --tracking-uri"
+        )
+    try:
+        model = mlflow.keras.load_model(model_uri)
+        info = mlflow.models.get_model_info(model_uri)
+    except MlflowException as error:
+        raise UserError(f"cannot load {model_uri} from {uri}: {error.message}") from None
+    run = mlflow.MlflowClient(uri).get_run(info.run_id) if info.run_id else None
+    return model, run.data.params.get("dataset.name") if run else None
+
+
+def dataset_classes(
+    num_classes: int, dataset: str | None, root: Path
+) -> tuple[list[str], list[int]]:
+    """(class names, raw labels) from conf/dataset/<dataset>.yaml, else from the first
+    dataset there with `num_classes` classes (10: digits, 24: ASL letters), else 0..n-1."""
+    folder = root / "conf" / "dataset"
+    files = [folder / f"{dataset}.yaml"] if dataset else sorted(folder.glob("*.yaml"))
+    for file in files:
+        conf = yaml.safe_load(file.read_text()) if file.is_file() else None
+        if conf and len(conf.get("class_names") or []) == num_classes:
+            return [str(n) for n in conf["class_names"]], list(conf["raw_labels"])
+    return [str(i) for i in range(num_classes)], list(range(num_classes))
+
+
+def top_classes(
+    probabilities: np.ndarray, class_names: list[str], k: int
+) -> list[list[tuple[str, float]]]:
+    """Probabilities (n, classes) -> for each image the k most likely (class name, p)."""
+    order = np.argsort(-probabilities, axis=1)[:, :k]
+    return [
+        [(class_names[c], float(row[c])) for c in best]
+        for row, best in zip(probabilities, order, strict=True)
+    ]
+
+
+def classify(model, images: np.ndarray) -> np.ndarray:
+    """float32 images (n, 28, 28) -> probabilities (n, classes), reshaped to the model's
+    input (28, 28) or (28, 28, 1)."""
+    shape = tuple(model.input_shape[1:])
+    if int(np.prod(shape)) != images[0].size:
+        raise UserError(f"the model takes inputs of shape {shape}, not 28x28 images")
+    return np.asarray(model.predict(images.reshape(-1, *shape), verbose=0))
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Parse the command line, classify every input, print one line each."""
+    parser = argparse.ArgumentParser(
+        prog="python -m dlilabs.predict", description=__doc__.split("\n\n")[0].split(": ", 1)[1]
+    )
+    parser.add_argument(
+        "model",
+        help="lab or registered model name, models:/<name>@<alias>, "
+        "models:/<name>/<version>, or a path to model.keras",
+    )
+    parser.add_argument("inputs", nargs="+", type=Path, help="image files or Kaggle-layout CSVs")
+    parser.add_argument("--top-k", type=int, default=3, help="classes to show (default 3)")
+    parser.add_argument(
+        "--dataset",
+        help="conf/dataset name for the class names (default: "
+        "the model's run, else by the number of classes)",
+    )
+    parser.add_argument("--tracking-uri", help="MLflow store (default: the project's)")
+    args = parser.parse_args(argv)
+    try:
+        root = project_root()
+        names, images, labels = read_inputs(args.inputs)
+        model, dataset, description = load_model(args.model, root, tracking_uri(args.tracking_uri))
+        probabilities = classify(model, images)
+        class_names, raw_labels = dataset_classes(
+            probabilities.shape[1], args.dataset or dataset, root
+        )
+    except UserError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print(f"model: {description} ({len(class_names)} classes)")
+    actual_names = dict(zip(raw_labels, class_names, strict=True))
+    for name, best, label in zip(
+        names, top_classes(probabilities, class_names, args.top_k), labels, strict=True
+    ):
+        shown = ", ".join(f"{cls} {p:.3f}" for cls, p in best)
+        actual = "" if label is None else f"  (actual: {actual_names.get(int(label), label)})"
+        print(f"{name}: {shown}{actual}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

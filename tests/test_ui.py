@@ -1,0 +1,217 @@
+"""The MLflow UI as a person sees it: a real `mlflow ui` over a store of demo runs (built by
+the real `dvc repro`, one epoch per lab), driven by Debian's Chromium through Selenium.
+
+Screenshots are saved to build/test-artifacts/ui/ (or $DLILABS_TEST_ARTIFACTS/ui/):
+experiment_runs.png (the runs table), run_metrics.png (a run's metrics, gap/accuracy among
+them) and run_<picture>.png (each logged PNG opened in the run's artifact view)."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+from mlflow import MlflowClient
+from PIL import Image
+
+from conftest import REPO
+
+pytestmark = pytest.mark.slow
+
+CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
+INSTALL_HINT = "apt-get install -y chromium chromium-driver (.ci/run does it)"
+SHOTS = Path(os.environ.get("DLILABS_TEST_ARTIFACTS", REPO / "build" / "test-artifacts")) / "ui"
+LABS = ["mnist_mlp", "asl_mlp", "asl_cnn", "asl_cnn_aug", "line_fit"]
+# Logged under the run's plots/: the evaluate stage's pictures and the dataset's samples.
+PICTURES = {
+    name: f"eval/asl_cnn_aug/{name}"
+    for name in ("learning_curves.png", "confusion.png", "train_inputs.png")
+}
+PICTURES["samples.png"] = "data/prepared/mnist_demo/samples.png"
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def wait_until_healthy(url: str, process: subprocess.Popen, seconds: float = 180) -> None:
+    """Poll `url`/health until the server answers; fail early if it exits."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        assert process.poll() is None, f"mlflow ui exited with {process.returncode}"
+        with contextlib.suppress(OSError), urllib.request.urlopen(f"{url}/health", timeout=2):
+            return
+        time.sleep(0.5)
+    pytest.fail(f"mlflow ui did not answer on {url} within {seconds:.0f} s")
+
+
+@pytest.fixture(scope="module")
+def store(demo_pipeline) -> Path:
+    """The demo workspace after the real pipeline (1 epoch per lab), its MLflow store inside."""
+    return demo_pipeline
+
+
+@pytest.fixture(scope="module")
+def ui(store, tmp_path_factory) -> str:
+    """`mlflow ui` over the store on a free 127.0.0.1 port; yields its base URL."""
+    port = free_port()
+    log = (tmp_path_factory.mktemp("ui-log") / "mlflow-ui.log").open("w")
+    env = {key: value for key, value in os.environ.items() if key != "MLFLOW_TRACKING_URI"}
+    env.update(MLFLOW_DISABLE_TELEMETRY="true", DO_NOT_TRACK="true")
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "mlflow",
+            "ui",
+            "--backend-store-uri",
+            f"sqlite:///{store}/mlflow.db",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--workers",
+            "1",
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env=env,
+        start_new_session=True,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_until_healthy(url, process)
+        yield url
+    finally:
+        os.killpg(process.pid, 15)  # its own session: the server and its uvicorn worker
+        process.wait(timeout=30)
+        log.close()
+
+
+@pytest.fixture(scope="module")
+def browser(tmp_path_factory):
+    """Headless Debian Chromium through Selenium and /usr/bin/chromedriver, fresh profile."""
+    if not (CHROMIUM.is_file() and CHROMEDRIVER.is_file()):
+        pytest.skip(f"no {CHROMIUM} or {CHROMEDRIVER}: {INSTALL_HINT}")
+    webdriver = pytest.importorskip("selenium.webdriver", reason="pip install -e '.[dev]'")
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = str(CHROMIUM)
+    for flag in (
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-dev-shm-usage",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--disable-crash-reporter",
+        "--window-size=1600,1000",
+        f"--user-data-dir={tmp_path_factory.mktemp('chromium-profile')}",
+    ):
+        options.add_argument(flag)
+    driver = webdriver.Chrome(service=Service(str(CHROMEDRIVER)), options=options)
+    driver.set_page_load_timeout(60)
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    for old in SHOTS.glob("*.png"):  # a reviewer must not mistake last run's pictures
+        old.unlink()
+    yield driver
+    driver.quit()
+
+
+def wait_for(driver, condition, what: str, seconds: float = 60):
+    """Wait until `condition(driver)` is truthy; on timeout, save a screenshot and fail."""
+    from selenium.common.exceptions import TimeoutException
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    try:
+        return WebDriverWait(driver, seconds, poll_frequency=0.5).until(condition)
+    except TimeoutException:
+        driver.save_screenshot(str(SHOTS / "failure.png"))
+        pytest.fail(f"{what} not visible within {seconds:.0f} s (see {SHOTS / 'failure.png'})")
+
+
+def visible_text(text: str):
+    """A wait condition: an element whose own text is exactly `text` is displayed."""
+    from selenium.webdriver.common.by import By
+
+    def condition(driver):
+        found = driver.find_elements(By.XPATH, f"//*[normalize-space(text())='{text}']")
+        return next((element for element in found if element.is_displayed()), False)
+
+    return condition
+
+
+def close_assistant(driver) -> None:
+    """Close MLflow's assistant side panel, if open, so screenshots show the page itself."""
+    from selenium.webdriver.common.by import By
+
+    for button in driver.find_elements(By.CSS_SELECTOR, "button[aria-label='Close']"):
+        if button.is_displayed():
+            button.click()
+
+
+def lab_run(store: Path, lab: str):
+    client = MlflowClient(f"sqlite:///{store}/mlflow.db")
+    experiment = client.get_experiment_by_name("dlilabs-demo")
+    (run,) = client.search_runs([experiment.experiment_id], f"tags.lab = '{lab}'")
+    return experiment.experiment_id, run
+
+
+def test_experiment_page_lists_every_lab_run(ui, store, browser):
+    experiment_id, _ = lab_run(store, "asl_cnn_aug")
+    browser.get(f"{ui}/#/experiments/{experiment_id}/runs")
+    for lab in LABS:
+        wait_for(browser, visible_text(lab), f"run {lab} in the runs table")
+    close_assistant(browser)
+    time.sleep(0.5)  # let the panel's closing animation end before the picture
+    browser.save_screenshot(str(SHOTS / "experiment_runs.png"))
+
+
+def test_run_page_shows_the_gap_metric(ui, store, browser):
+    experiment_id, run = lab_run(store, "asl_cnn_aug")
+    browser.get(f"{ui}/#/experiments/{experiment_id}/runs/{run.info.run_id}")
+    wait_for(browser, visible_text("asl_cnn_aug"), "the run's title")
+    close_assistant(browser)
+    gap = wait_for(browser, visible_text("gap/accuracy"), "metric gap/accuracy")
+    browser.execute_script("arguments[0].scrollIntoView({block: 'center'})", gap)
+    value = f"{run.data.metrics['gap/accuracy']:.6f}"[:-1]  # the UI prints the full float
+    assert value in browser.find_element("tag name", "body").text
+    browser.save_screenshot(str(SHOTS / "run_metrics.png"))
+
+
+@pytest.mark.parametrize("picture", PICTURES)
+def test_run_artifacts_show_the_logged_pictures(ui, store, browser, picture):
+    experiment_id, run = lab_run(store, "asl_cnn_aug")
+    browser.get("about:blank")  # a new page load: the app routes on the hash only when it starts
+    browser.get(
+        f"{ui}/#/experiments/{experiment_id}/runs/{run.info.run_id}/artifactPath/plots/{picture}"
+    )
+    wait_for(browser, visible_text(f"plots/{picture}"), f"the artifact view of {picture}")
+    with Image.open(store / PICTURES[picture]) as image:
+        width = image.size[0]
+    # The preview is the logged PNG itself, decoded by the browser: same pixel width.
+    shown = wait_for(
+        browser,
+        lambda d: d.execute_script(
+            "return Array.from(document.images).some("
+            "i => i.src.startsWith('blob:') && i.complete && i.naturalWidth === arguments[0]"
+            " && i.getBoundingClientRect().width > 200)",
+            width,
+        ),
+        f"the picture {picture}",
+    )
+    assert shown
+    close_assistant(browser)
+    time.sleep(0.5)
+    browser.save_screenshot(str(SHOTS / f"run_{picture}"))
