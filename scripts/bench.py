@@ -1,7 +1,7 @@
 """`make bench`: speed and memory of the pipeline's hot spots, measured side by side.
 
     python scripts/bench.py               # every section
-    python scripts/bench.py preprocess    # one section
+    python scripts/bench.py preprocess    # one section (preprocess, train)
 
 Each section is a function returning `Row`s; a row prints as
 `label: 1.23 s (target <= 3 s, ratio 0.41) | peak RSS 612 MB (target <= 1024 MB, ratio 0.60)`.
@@ -32,16 +32,19 @@ class Measure:
     unit: str
     target: float | None = None
     note: str = ""
+    digits: int | None = None  # decimals shown; None: 2 for seconds, else 0
 
     @property
     def met(self) -> bool:
         return self.target is None or self.value <= self.target
 
     def __str__(self) -> str:
-        digits = 2 if self.unit == "s" else 0
+        digits = self.digits if self.digits is not None else 2 if self.unit == "s" else 0
         text = f"{self.name} {self.value:.{digits}f} {self.unit}".strip()
         notes = [self.note] if self.note else []
-        if self.target is not None:
+        if self.target is not None and not self.unit:  # the figure is itself a ratio
+            notes.insert(0, f"target <= {self.target:g}")
+        elif self.target is not None:
             notes.insert(
                 0, f"target <= {self.target:g} {self.unit}, ratio {self.value / self.target:.2f}"
             )
@@ -52,13 +55,14 @@ class Measure:
 class Row:
     label: str
     measures: list[Measure] = field(default_factory=list)
+    separator: str = " | "
 
     @property
     def met(self) -> bool:
         return all(measure.met for measure in self.measures)
 
     def __str__(self) -> str:
-        text = f"{self.label}: " + " | ".join(map(str, self.measures))
+        text = f"{self.label}: " + self.separator.join(map(str, self.measures))
         return text if self.met else text + "  <-- TARGET MISSED"
 
 
@@ -195,10 +199,159 @@ def bench_preprocess() -> list[Row]:
     ]
 
 
+# ---------------------------------------------------------------- train
+
+# One child per comparison builds a model per side (same architecture, same seed) and, round
+# after round, fits each side for 2 epochs in turn and times the 2nd: the 1st absorbs tracing
+# and Keras' per-fit set-up (numpy -> tensors, the validation iterator), which real 5-20 epoch
+# runs pay once. The sides share the process, so they share thread pools and settings, and the
+# order rotates every round so load from other processes hits each side alike; the ratio is
+# the median of the per-round ratios. A CNN epoch takes ~40 s on 2 CPU cores, so the CNN sides
+# time a quarter epoch instead: 215 training + 56 validation steps, the same count for every
+# side (ASL has 858 + 225 batches); two such epochs stay inside the first pass over the data.
+PIPELINE_RATIO, AUGMENTED_RATIO = 1.05, 1.15
+MNIST_ROWS, ASL_SPLIT_ROWS = (60_000, 10_000), tuple(ASL_ROWS.values())
+TRAIN_ROUNDS = 3
+CNN_STEPS = (215, 56)  # (steps_per_epoch, validation_steps): a quarter of an ASL epoch
+
+TRAIN_CHILD = """
+import os
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+import keras
+import numpy as np
+
+from dlilabs.config import compose
+from dlilabs.data import build_augmenter, make_dataset
+from dlilabs.models import build_model
+from dlilabs.train import make_optimizer
+
+spec = json.loads(sys.argv[1])
+cfg = compose([f"model={spec['model']}", "augment=dli"])
+trainer, classes = cfg.trainer, spec["classes"]
+keras.utils.set_random_seed(trainer.seed)
+rng = np.random.default_rng(0)
+x, x_val = (rng.integers(0, 256, (rows, 28, 28), dtype=np.uint8) for rows in spec["rows"])
+y, y_val = (rng.integers(0, classes, rows) for rows in spec["rows"])
+
+
+def pipeline_side(augmenter):
+    # What dlilabs.train does: uint8 arrays into make_dataset, compiled from the trainer group.
+    model = build_model(cfg.model, x.shape[1:], classes)
+    model.compile(optimizer=make_optimizer(trainer.optimizer, trainer.learning_rate),
+                  loss=trainer.loss, metrics=["accuracy"])
+    train = make_dataset(x, y, classes, trainer.batch_size, shuffle=True, seed=trainer.seed,
+                         augmenter=augmenter, shuffle_buffer=trainer.shuffle_buffer)
+    val = make_dataset(x_val, y_val, classes, trainer.batch_size)
+    return model, (train,), {"validation_data": val, "shuffle": False}
+
+
+def plain_side():
+    # The course: float32 pixels / 255 and one-hot labels as numpy arrays, Keras' defaults.
+    model = build_model(cfg.model, x.shape[1:], classes)
+    model.compile(loss="categorical_crossentropy", metrics=["accuracy"])  # RMSprop 1e-3
+    scaled = (x.astype(np.float32) / 255, keras.utils.to_categorical(y, classes))
+    val = (x_val.astype(np.float32) / 255, keras.utils.to_categorical(y_val, classes))
+    return model, scaled, {"validation_data": val, "batch_size": 32}
+
+
+class EpochTimer(keras.callbacks.Callback):
+    def on_epoch_begin(self, epoch, logs=None):
+        self.start = time.perf_counter()
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.seconds = time.perf_counter() - self.start  # the last epoch's, training + validation
+
+
+builders = {"pipeline": lambda: pipeline_side(None), "plain": plain_side,
+            "augmented": lambda: pipeline_side(build_augmenter(cfg.augment, trainer.seed))}
+sides = {name: builders[name]() for name in spec["sides"]}
+steps, val_steps = spec["steps"] or (None, None)
+seconds, loads = {name: [] for name in sides}, [os.getloadavg()[0]]
+for round_ in range(spec["rounds"]):
+    names = list(sides)[round_ % len(sides):] + list(sides)[:round_ % len(sides)]
+    for name in names:
+        model, args, kwargs = sides[name]
+        timer = EpochTimer()
+        model.fit(*args, **kwargs, epochs=2, steps_per_epoch=steps, validation_steps=val_steps,
+                  callbacks=[timer], verbose=0)
+        seconds[name].append(timer.seconds)
+    loads.append(os.getloadavg()[0])
+print(json.dumps({"seconds": seconds, "loads": loads}))
+"""
+
+SIDE_NAMES = {
+    "pipeline": "pipeline",
+    "plain": "plain model.fit",
+    "augmented": "augmented pipeline",
+}
+
+
+def _compare(run: dict, label: str, top: str, bottom: str, target: float, extra: str = "") -> Row:
+    """`top` over `bottom` as `a s/epoch vs b s/epoch -> ratio r (target <= t; ...)`."""
+    seconds = run["seconds"]
+    ratios = [a / b for a, b in zip(seconds[top], seconds[bottom], strict=True)]
+    loads = run["loads"]
+    note = (
+        f"median of {len(ratios)} rotating rounds, 2nd epoch of each fit timed"
+        f"{extra}; load avg {min(loads):.1f}-{max(loads):.1f}"
+    )
+    return Row(
+        label,
+        [
+            Measure(SIDE_NAMES[top], statistics.median(seconds[top]), "s/epoch", digits=1),
+            Measure(
+                f"vs {SIDE_NAMES[bottom]}", statistics.median(seconds[bottom]), "s/epoch", digits=1
+            ),
+            Measure("-> ratio", statistics.median(ratios), "", target, note, digits=2),
+        ],
+        separator=" ",
+    )
+
+
+def bench_train() -> list[Row]:
+    """Epoch time of the tf.data pipeline over the course's plain `model.fit` on numpy arrays
+    (labs 1-3), and of Lab 4's augmented pipeline over Lab 3's plain fit, on random data of the
+    real shapes."""
+
+    def run(model: str, rows: tuple[int, int], classes: int, sides: list[str], steps=None):
+        spec = {
+            "model": model,
+            "rows": rows,
+            "classes": classes,
+            "sides": sides,
+            "steps": steps,
+            "rounds": TRAIN_ROUNDS,
+        }
+        return run_child(TRAIN_CHILD, json.dumps(spec))
+
+    lab1 = run("mlp", MNIST_ROWS, 10, ["pipeline", "plain"])
+    lab2 = run("mlp", ASL_SPLIT_ROWS, 24, ["pipeline", "plain"])
+    cnn = run("cnn", ASL_SPLIT_ROWS, 24, ["pipeline", "plain", "augmented"], CNN_STEPS)
+    quarter = f" ({CNN_STEPS[0]} train + {CNN_STEPS[1]} val steps, a quarter epoch)"
+    augmented_over_pipeline = statistics.median(
+        a / b for a, b in zip(cnn["seconds"]["augmented"], cnn["seconds"]["pipeline"], strict=True)
+    )
+    return [
+        _compare(lab1, "train lab1 mlp mnist-shape", "pipeline", "plain", PIPELINE_RATIO),
+        _compare(lab2, "train lab2 mlp asl-shape", "pipeline", "plain", PIPELINE_RATIO),
+        _compare(cnn, "train lab3 cnn asl-shape" + quarter, "pipeline", "plain", PIPELINE_RATIO),
+        _compare(
+            cnn,
+            "train lab4 augmented vs plain cnn asl-shape" + quarter,
+            "augmented",
+            "plain",
+            AUGMENTED_RATIO,
+            f"; augmented/unaugmented pipeline {augmented_over_pipeline:.2f}",
+        ),
+    ]
+
+
 # ---------------------------------------------------------------- runner
 
 SECTIONS: dict[str, Callable[[], list[Row]]] = {
     "preprocess": bench_preprocess,
+    "train": bench_train,
 }
 
 

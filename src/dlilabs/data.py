@@ -35,15 +35,20 @@ def build_augmenter(augment_cfg: DictConfig, seed: int | None = None) -> keras.S
     Works on (batch, 28, 28, 1) float images; factors follow ImageDataGenerator's meaning."""
     if augment_cfg.name == "none":
         return None
-    flip = {(True, True): "horizontal_and_vertical", (True, False): "horizontal",
-            (False, True): "vertical"}.get((augment_cfg.horizontal_flip, augment_cfg.vertical_flip))
+    flip = {
+        (True, True): "horizontal_and_vertical",
+        (True, False): "horizontal",
+        (False, True): "vertical",
+    }.get((augment_cfg.horizontal_flip, augment_cfg.vertical_flip))
     augmentation_layers = [
         # RandomRotation takes a fraction of a full turn; ImageDataGenerator took degrees.
-        keras.layers.RandomRotation(augment_cfg.rotation_degrees / 360, fill_mode="nearest",
-                                    seed=seed),
+        keras.layers.RandomRotation(
+            augment_cfg.rotation_degrees / 360, fill_mode="nearest", seed=seed
+        ),
         keras.layers.RandomZoom(augment_cfg.zoom, fill_mode="nearest", seed=seed),
-        keras.layers.RandomTranslation(augment_cfg.height_shift, augment_cfg.width_shift,
-                                       fill_mode="nearest", seed=seed),
+        keras.layers.RandomTranslation(
+            augment_cfg.height_shift, augment_cfg.width_shift, fill_mode="nearest", seed=seed
+        ),
     ]
     if flip:
         augmentation_layers.append(keras.layers.RandomFlip(flip, seed=seed))
@@ -61,24 +66,58 @@ def make_dataset(
     shuffle_buffer: int = 65536,
 ) -> tf.data.Dataset:
     """uint8 images (n, 28, 28) and int labels (n,) -> batches of (float32 (b, 28, 28) in [0, 1],
-    one-hot float32 (b, num_classes)), shuffled each epoch when `shuffle`, augmented when given."""
-    dataset = tf.data.Dataset.from_tensor_slices((images, labels))
-    if shuffle:
-        dataset = dataset.shuffle(min(len(images), shuffle_buffer), seed=seed,
-                                  reshuffle_each_iteration=True)
-    # Batch first: scaling, one-hot and augmentation then run once per batch, vectorised.
-    dataset = dataset.batch(batch_size)
+    one-hot float32 (b, num_classes)), shuffled each epoch when `shuffle`, augmented when given.
 
-    def scale_and_encode(batch_images, batch_labels):
+    Vectorised like Keras' own pipeline for numpy arrays: the arrays stay whole (uint8, a
+    quarter of the course's float32), each epoch shuffles the indices (one permutation when
+    `shuffle_buffer` covers the set, the same uniform shuffle as a full buffer; a windowed
+    index shuffle otherwise) and one parallel map per batch gathers, scales, one-hot encodes
+    and augments. Shuffling the n examples through a tf.data buffer instead held up the start
+    of every epoch (half a second on MNIST) until the buffer was full."""
+    count = len(images)
+    if shuffle and shuffle_buffer < count:
+        # A windowed shuffle, as a tf.data shuffle buffer smaller than the set gives.
+        batches = (
+            tf.data.Dataset.range(count)
+            .shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
+            .batch(batch_size)
+        )
+    else:
+        if shuffle:
+            # A fresh draw per iteration (epoch) from `seed`: reproducible, new every epoch.
+            draws = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True).take(1)
+            order = draws.map(
+                lambda draw: tf.random.experimental.stateless_shuffle(
+                    tf.range(count, dtype=tf.int64), seed=tf.stack([draw, tf.constant(0, tf.int64)])
+                )
+            )
+        else:
+            order = tf.data.Dataset.from_tensors(tf.range(count, dtype=tf.int64))
+        whole = count // batch_size * batch_size
+
+        def split(indices):
+            batches = tf.data.Dataset.from_tensor_slices(
+                tf.reshape(indices[:whole], (-1, batch_size))
+            )
+            if whole < count:  # the last, partial batch
+                batches = batches.concatenate(tf.data.Dataset.from_tensors(indices[whole:]))
+            return batches
+
+        batches = order.flat_map(split)
+    arrays = tf.data.Dataset.from_tensors((images, labels)).repeat()
+
+    def gather_scale_encode(indices, arrays):
+        batch_images, batch_labels = (tf.gather(array, indices) for array in arrays)
         scaled = tf.cast(batch_images, tf.float32) / 255.0
+        if augmenter is not None:
+            scaled = tf.squeeze(augmenter(scaled[..., tf.newaxis], training=True), axis=-1)
         return scaled, tf.one_hot(batch_labels, num_classes)
 
-    dataset = dataset.map(scale_and_encode, num_parallel_calls=tf.data.AUTOTUNE)
-    if augmenter is not None:
-
-        def augment(batch_images, batch_labels):
-            augmented = augmenter(batch_images[..., tf.newaxis], training=True)
-            return tf.squeeze(augmented, axis=-1), batch_labels
-
-        dataset = dataset.map(augment, num_parallel_calls=tf.data.AUTOTUNE)
-    return dataset.prefetch(tf.data.AUTOTUNE)
+    dataset = tf.data.Dataset.zip(batches, arrays).map(
+        gather_scale_encode, num_parallel_calls=tf.data.AUTOTUNE
+    )
+    # As Keras does for arrays: the static graph rewrites would serialise the whole arrays
+    # into every new iterator, i.e. at the start of every epoch, for nothing to optimise.
+    options = tf.data.Options()
+    options.experimental_optimization.apply_default_optimizations = False
+    return dataset.with_options(options).prefetch(tf.data.AUTOTUNE)
