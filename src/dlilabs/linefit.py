@@ -12,7 +12,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from dlilabs import tracking
 from dlilabs.io import write_json
-from dlilabs.sweep import child_tags_and_name, in_sweep, job_output_dir, job_overrides
+from dlilabs.sweep import child_tags_and_name, in_sweep, job_overrides
 
 log = logging.getLogger("dlilabs.linefit")
 
@@ -66,7 +66,7 @@ def fit_line(x: np.ndarray, y: np.ndarray, trainer: DictConfig):
 
 def fit_line_lab(cfg: DictConfig) -> dict:
     """Run the line-fit lab as one MLflow run; write models/line_fit/* and eval/line_fit/."""
-    from dlilabs.train import save_outputs, seed_everything
+    from dlilabs.train import finish_run, seed_everything
 
     seed_everything(cfg.trainer.seed, cfg.trainer.deterministic)
     x = np.asarray(cfg.dataset.x, dtype=np.float64)
@@ -90,21 +90,8 @@ def fit_line_lab(cfg: DictConfig) -> dict:
             "gap/mse": fitted["mse"] - floor["mse"],
         }
         mlflow.log_metrics(metrics)
-        registered = cfg.tracking.model_name if cfg.tracking.register_models else None
-        model_info = tracking.log_keras_model(
-            model, x[:3].reshape(-1, 1).astype(np.float32), registered
-        )
-        run_info = {
-            "lab": cfg.lab,
-            "run_id": run.info.run_id,
-            "experiment_id": experiment_id,
-            "model_uri": model_info.model_uri,
-            "registered_model": registered,
-            "epochs": len(rows),
-            **metrics,
-        }
-        model_dir = job_output_dir(cfg.paths.model_dir)
-        save_outputs(model_dir, model, rows, run_info)
+        sample = x[:3].reshape(-1, 1).astype(np.float32)
+        run_info, model_dir = finish_run(cfg, run, experiment_id, model, sample, rows, metrics)
         eval_dir = model_dir if in_sweep() else Path(cfg.paths.eval_dir)
         write_json(eval_dir / "metrics.json", metrics)
     log.info(

@@ -82,6 +82,37 @@ def save_outputs(model_dir: Path, model: keras.Model, rows: list[dict], run_info
     write_json(model_dir / "run.json", run_info)
 
 
+def finish_run(
+    cfg: DictConfig,
+    run,
+    experiment_id: str,
+    model: keras.Model,
+    sample: np.ndarray,
+    rows: list[dict],
+    metrics: dict,
+    **extra,
+) -> tuple[dict, Path]:
+    """Inside the lab's run: log and register the model (signature from `sample` inputs),
+    write the DVC outputs and log the history. Returns (run.json's content, model folder)."""
+    registered = cfg.tracking.model_name if cfg.tracking.register_models else None
+    model_info = tracking.log_keras_model(model, sample, registered)
+    run_info = {
+        "lab": cfg.lab,
+        "run_id": run.info.run_id,
+        "experiment_id": experiment_id,
+        "model_uri": model_info.model_uri,
+        "registered_model": registered,
+        "registered_version": getattr(model_info, "registered_model_version", None),
+        "epochs": len(rows),
+        **extra,
+        **metrics,
+    }
+    model_dir = job_output_dir(cfg.paths.model_dir)
+    save_outputs(model_dir, model, rows, run_info)
+    mlflow.log_artifact(str(model_dir / "history.csv"))
+    return run_info, model_dir
+
+
 def data_tags(train_file: Path, val_file: Path, train_rows: int, val_rows: int) -> dict:
     """Tags that pin the exact data: sha256 and row counts of the prepared splits."""
     return {
@@ -148,22 +179,9 @@ def train_lab(cfg: DictConfig) -> dict:
         summary = tracking.summary_metrics(rows, best_epoch)
         mlflow.log_metrics(summary)
         sample = x_val[:5].astype(np.float32) / 255.0
-        registered = cfg.tracking.model_name if cfg.tracking.register_models else None
-        model_info = tracking.log_keras_model(model, sample, registered)
-        run_info = {
-            "lab": cfg.lab,
-            "run_id": run.info.run_id,
-            "experiment_id": experiment_id,
-            "model_uri": model_info.model_uri,
-            "registered_model": registered,
-            "registered_version": getattr(model_info, "registered_model_version", None),
-            "device": device,
-            "epochs": len(rows),
-            **summary,
-        }
-        model_dir = job_output_dir(cfg.paths.model_dir)
-        save_outputs(model_dir, model, rows, run_info)
-        mlflow.log_artifact(str(model_dir / "history.csv"))
+        run_info, _ = finish_run(
+            cfg, run, experiment_id, model, sample, rows, summary, device=device
+        )
     log.info(
         "%s: best epoch %d, val/accuracy %.4f (final %.4f), gap/accuracy %.4f, on %s",
         cfg.lab,
