@@ -120,4 +120,8 @@ def make_dataset(
     # into every new iterator, i.e. at the start of every epoch, for nothing to optimise.
     options = tf.data.Options()
     options.experimental_optimization.apply_default_optimizations = False
+    # flat_map hides the epoch's length; stating it lets Keras show progress out of N batches
+    # and end each epoch without "input ran out of data" warnings.
+    batches_per_epoch = -(-count // batch_size)
+    dataset = dataset.apply(tf.data.experimental.assert_cardinality(batches_per_epoch))
     return dataset.with_options(options).prefetch(tf.data.AUTOTUNE)
