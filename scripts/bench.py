@@ -152,7 +152,7 @@ def _measure(raw_dir: Path, out_dir: Path, engine: str) -> dict:
 
 
 def bench_preprocess() -> list[Row]:
-    """The ASL preprocess stage on full-size CSVs: the stage's engine, then pandas' C engine."""
+    """The ASL preprocess stage on full-size CSVs: the stage's engine, then the other one."""
     from dlilabs.preprocess import csv_engine
 
     engine = csv_engine()
@@ -163,7 +163,8 @@ def bench_preprocess() -> list[Row]:
         for name, rows in ASL_ROWS.items():
             write_kaggle_like_csv(raw_dir / name, rows, rng)
         stage = _measure(raw_dir, Path(folder) / "stage", engine)
-        c_engine = _measure(raw_dir, Path(folder) / "c", "c")
+        other = "pyarrow" if engine == "c" else "c"
+        c_engine = _measure(raw_dir, Path(folder) / other, other)
     label = f"preprocess asl full-size ({stage['rows']:,} rows, median of {REPEATS})"
     return [
         Row(
@@ -180,19 +181,19 @@ def bench_preprocess() -> list[Row]:
             ],
         ),
         Row(
-            f"{label}, pandas C engine (reference)",
+            f"{label}, {other} engine (reference)",
             [
                 Measure(
                     "",
                     c_engine["seconds"],
                     "s",
-                    note=f"{engine}/C {stage['seconds'] / c_engine['seconds']:.2f}",
+                    note=f"{other}/{engine} {c_engine['seconds'] / stage['seconds']:.2f}",
                 ),
                 Measure(
                     "peak RSS",
                     c_engine["peak_mb"],
                     "MB",
-                    note=f"{engine}/C {stage['peak_mb'] / c_engine['peak_mb']:.2f}",
+                    note=f"{other}/{engine} {c_engine['peak_mb'] / stage['peak_mb']:.2f}",
                 ),
             ],
         ),
@@ -202,16 +203,21 @@ def bench_preprocess() -> list[Row]:
 # ---------------------------------------------------------------- train
 
 # One child per comparison builds a model per side (same architecture, same seed) and, round
-# after round, fits each side for 2 epochs in turn and times the 2nd: the 1st absorbs tracing
-# and Keras' per-fit set-up (numpy -> tensors, the validation iterator), which real 5-20 epoch
-# runs pay once. The sides share the process, so they share thread pools and settings, and the
-# order rotates every round so load from other processes hits each side alike; the ratio is
-# the median of the per-round ratios. A CNN epoch takes ~40 s on 2 CPU cores, so the CNN sides
-# time a quarter epoch instead: 215 training + 56 validation steps, the same count for every
-# side (ASL has 858 + 225 batches); two such epochs stay inside the first pass over the data.
+# after round, fits each side in turn for FIT_EPOCHS epochs and times every epoch but the 1st,
+# which absorbs tracing and Keras' per-fit set-up (numpy -> tensors, the validation iterator)
+# that real 5-20 epoch runs pay once. An epoch's time is training plus validation. The sides
+# share the process, so they share thread pools and settings, and the order rotates every
+# round so load from other processes hits each side alike. Each side's figure is the median of
+# its timed epochs. Another busy process halves the speed of TensorFlow's 2 threads on 2 cores,
+# so the child also measures, per epoch, the CPU other processes used (/proc/stat): epochs
+# during which they used more than CLEAN_CORES are left out while each side keeps 2 clean
+# ones, else all count and the row says the run was disturbed.
+# A CNN epoch takes 30-40 s on 2 cores, so the CNN sides time a quarter epoch: 215 training + 56
+# validation steps (ASL has 858 + 225 batches), the same for every side; FIT_EPOCHS such
+# epochs stay inside the first pass over the data.
 PIPELINE_RATIO, AUGMENTED_RATIO = 1.05, 1.15
 MNIST_ROWS, ASL_SPLIT_ROWS = (60_000, 10_000), tuple(ASL_ROWS.values())
-TRAIN_ROUNDS = 3
+FIT_EPOCHS, CLEAN_CORES = 3, 0.25
 CNN_STEPS = (215, 56)  # (steps_per_epoch, validation_steps): a quarter of an ASL epoch
 
 TRAIN_CHILD = """
@@ -255,29 +261,48 @@ def plain_side():
     return model, scaled, {"validation_data": val, "batch_size": 32}
 
 
+def busy_seconds():
+    # CPU seconds all processes spent since boot, idle and iowait excluded (Linux; without
+    # /proc/stat it is NaN and other processes count as using 0 cores).
+    try:
+        with open("/proc/stat") as stat:
+            ticks = [int(field) for field in stat.readline().split()[1:9]]
+    except OSError:
+        return float("nan")
+    return (sum(ticks) - ticks[3] - ticks[4]) / os.sysconf("SC_CLK_TCK")
+
+
 class EpochTimer(keras.callbacks.Callback):
+    # [wall seconds, cores other processes used] of every epoch after the first.
+    def __init__(self):
+        super().__init__()
+        self.epochs = []
+
     def on_epoch_begin(self, epoch, logs=None):
-        self.start = time.perf_counter()
+        self.start = (time.perf_counter(), busy_seconds(), sum(os.times()[:2]))
 
     def on_epoch_end(self, epoch, logs=None):
-        self.seconds = time.perf_counter() - self.start  # the last epoch's, training + validation
+        wall, busy, own = (time.perf_counter(), busy_seconds(), sum(os.times()[:2]))
+        seconds = wall - self.start[0]
+        others = max(0.0, (busy - self.start[1]) - (own - self.start[2])) / seconds
+        if epoch:
+            self.epochs.append([seconds, others])
 
 
 builders = {"pipeline": lambda: pipeline_side(None), "plain": plain_side,
             "augmented": lambda: pipeline_side(build_augmenter(cfg.augment, trainer.seed))}
 sides = {name: builders[name]() for name in spec["sides"]}
 steps, val_steps = spec["steps"] or (None, None)
-seconds, loads = {name: [] for name in sides}, [os.getloadavg()[0]]
+epochs = {name: [] for name in sides}
 for round_ in range(spec["rounds"]):
     names = list(sides)[round_ % len(sides):] + list(sides)[:round_ % len(sides)]
     for name in names:
         model, args, kwargs = sides[name]
         timer = EpochTimer()
-        model.fit(*args, **kwargs, epochs=2, steps_per_epoch=steps, validation_steps=val_steps,
-                  callbacks=[timer], verbose=0)
-        seconds[name].append(timer.seconds)
-    loads.append(os.getloadavg()[0])
-print(json.dumps({"seconds": seconds, "loads": loads}))
+        model.fit(*args, **kwargs, epochs=spec["epochs"], steps_per_epoch=steps,
+                  validation_steps=val_steps, callbacks=[timer], verbose=0)
+        epochs[name] += timer.epochs
+print(json.dumps({"epochs": epochs}))
 """
 
 SIDE_NAMES = {
@@ -287,62 +312,91 @@ SIDE_NAMES = {
 }
 
 
-def _compare(run: dict, label: str, top: str, bottom: str, target: float, extra: str = "") -> Row:
-    """`top` over `bottom` as `a s/epoch vs b s/epoch -> ratio r (target <= t; ...)`."""
-    seconds = run["seconds"]
-    ratios = [a / b for a, b in zip(seconds[top], seconds[bottom], strict=True)]
-    loads = run["loads"]
-    note = (
-        f"median of {len(ratios)} rotating rounds, 2nd epoch of each fit timed"
-        f"{extra}; load avg {min(loads):.1f}-{max(loads):.1f}"
-    )
-    return Row(
-        label,
-        [
-            Measure(SIDE_NAMES[top], statistics.median(seconds[top]), "s/epoch", digits=1),
-            Measure(
-                f"vs {SIDE_NAMES[bottom]}", statistics.median(seconds[bottom]), "s/epoch", digits=1
-            ),
-            Measure("-> ratio", statistics.median(ratios), "", target, note, digits=2),
-        ],
-        separator=" ",
-    )
+@dataclass(frozen=True)
+class Comparison:
+    """One child's timed epochs: per side, the median of the clean ones (see above)."""
+
+    seconds: dict[str, float]
+    counted: int  # epochs per side the medians are over
+    disturbed: float  # the most cores other processes used in a counted epoch
+
+    @classmethod
+    def run(
+        cls,
+        model: str,
+        rows: tuple[int, int],
+        classes: int,
+        sides: list[str],
+        rounds: int,
+        steps: tuple[int, int] | None = None,
+    ) -> Comparison:
+        if steps:  # every fit must stay inside the first pass over the data
+            batches = [-(-count // 32) for count in rows]
+            assert all(FIT_EPOCHS * n <= total for n, total in zip(steps, batches, strict=True))
+        spec = {
+            "model": model,
+            "rows": rows,
+            "classes": classes,
+            "sides": sides,
+            "rounds": rounds,
+            "epochs": FIT_EPOCHS,
+            "steps": steps,
+        }
+        epochs = run_child(TRAIN_CHILD, json.dumps(spec))["epochs"]
+        kept = {
+            name: [run for run in runs if run[1] <= CLEAN_CORES] for name, runs in epochs.items()
+        }
+        if min(map(len, kept.values())) < 2:
+            kept = epochs
+        return cls(
+            {
+                name: statistics.median(seconds for seconds, _ in runs)
+                for name, runs in kept.items()
+            },
+            min(map(len, kept.values())),
+            max(others for runs in kept.values() for _, others in runs),
+        )
+
+    def row(self, label: str, top: str, bottom: str, target: float, note: str = "") -> Row:
+        """`top` over `bottom`: `a s/epoch vs b s/epoch -> ratio a/b (target <= t; ...)`."""
+        notes = [note] if note else []
+        notes.append(f"medians of >= {self.counted} later epochs per side, rotating order")
+        notes.append(f"other processes used <= {self.disturbed:.2f} cores")
+        if self.disturbed > CLEAN_CORES:
+            notes.append("DISTURBED: re-run on an idle machine")
+        a, b = self.seconds[top], self.seconds[bottom]
+        return Row(
+            label,
+            [
+                Measure(SIDE_NAMES[top], a, "s/epoch", digits=1),
+                Measure(f"vs {SIDE_NAMES[bottom]}", b, "s/epoch", digits=1),
+                Measure("-> ratio", a / b, "", target, "; ".join(notes), digits=2),
+            ],
+            separator=" ",
+        )
 
 
 def bench_train() -> list[Row]:
     """Epoch time of the tf.data pipeline over the course's plain `model.fit` on numpy arrays
     (labs 1-3), and of Lab 4's augmented pipeline over Lab 3's plain fit, on random data of the
     real shapes."""
-
-    def run(model: str, rows: tuple[int, int], classes: int, sides: list[str], steps=None):
-        spec = {
-            "model": model,
-            "rows": rows,
-            "classes": classes,
-            "sides": sides,
-            "steps": steps,
-            "rounds": TRAIN_ROUNDS,
-        }
-        return run_child(TRAIN_CHILD, json.dumps(spec))
-
-    lab1 = run("mlp", MNIST_ROWS, 10, ["pipeline", "plain"])
-    lab2 = run("mlp", ASL_SPLIT_ROWS, 24, ["pipeline", "plain"])
-    cnn = run("cnn", ASL_SPLIT_ROWS, 24, ["pipeline", "plain", "augmented"], CNN_STEPS)
-    quarter = f" ({CNN_STEPS[0]} train + {CNN_STEPS[1]} val steps, a quarter epoch)"
-    augmented_over_pipeline = statistics.median(
-        a / b for a, b in zip(cnn["seconds"]["augmented"], cnn["seconds"]["pipeline"], strict=True)
+    lab1 = Comparison.run("mlp", MNIST_ROWS, 10, ["pipeline", "plain"], rounds=2)
+    lab2 = Comparison.run("mlp", ASL_SPLIT_ROWS, 24, ["pipeline", "plain"], rounds=4)
+    cnn = Comparison.run(
+        "cnn", ASL_SPLIT_ROWS, 24, ["pipeline", "plain", "augmented"], rounds=3, steps=CNN_STEPS
     )
+    quarter = f" ({CNN_STEPS[0]} train + {CNN_STEPS[1]} val steps: a quarter epoch)"
+    unaugmented = cnn.seconds["augmented"] / cnn.seconds["pipeline"]
     return [
-        _compare(lab1, "train lab1 mlp mnist-shape", "pipeline", "plain", PIPELINE_RATIO),
-        _compare(lab2, "train lab2 mlp asl-shape", "pipeline", "plain", PIPELINE_RATIO),
-        _compare(cnn, "train lab3 cnn asl-shape" + quarter, "pipeline", "plain", PIPELINE_RATIO),
-        _compare(
-            cnn,
+        lab1.row("train lab1 mlp mnist-shape", "pipeline", "plain", PIPELINE_RATIO),
+        lab2.row("train lab2 mlp asl-shape", "pipeline", "plain", PIPELINE_RATIO),
+        cnn.row("train lab3 cnn asl-shape" + quarter, "pipeline", "plain", PIPELINE_RATIO),
+        cnn.row(
             "train lab4 augmented vs plain cnn asl-shape" + quarter,
             "augmented",
             "plain",
             AUGMENTED_RATIO,
-            f"; augmented/unaugmented pipeline {augmented_over_pipeline:.2f}",
+            f"augmented/unaugmented pipeline {unaugmented:.2f}",
         ),
     ]
 
