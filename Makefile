@@ -33,9 +33,10 @@ test: dev ## Run every test (the CI command)
 test-fast: dev ## Run the fast tests only (skip dvc repro and training runs)
 	$(PY) -m pytest -m "not slow"
 
-lint: dev ## Check style with ruff
+lint: dev ## Check style (ruff) and the layers (import-linter: see Architecture in README)
 	$(BIN)/ruff check src tests scripts
 	$(BIN)/ruff format --check src tests scripts
+	$(BIN)/lint-imports
 
 format: dev ## Reformat with ruff
 	$(BIN)/ruff check --fix src tests scripts

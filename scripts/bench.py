@@ -153,7 +153,7 @@ def _measure(raw_dir: Path, out_dir: Path, engine: str) -> dict:
 
 def bench_preprocess() -> list[Row]:
     """The ASL preprocess stage on full-size CSVs: the stage's engine, then the other one."""
-    from dlilabs.preprocess import csv_engine
+    from dlilabs.rawdata import csv_engine
 
     engine = csv_engine()
     with tempfile.TemporaryDirectory(prefix="dlilabs-bench-") as folder:
@@ -230,7 +230,7 @@ import numpy as np
 from dlilabs.config import compose
 from dlilabs.data import build_augmenter, make_dataset
 from dlilabs.models import build_model
-from dlilabs.train import make_optimizer
+from dlilabs.fitting import make_optimizer
 
 spec = json.loads(sys.argv[1])
 cfg = compose([f"model={spec['model']}", "augment=dli"])

@@ -17,6 +17,7 @@ from conftest import REPO, stage_env, write_prepared
 from dlilabs import compare
 from dlilabs.config import compose
 from dlilabs.evaluate import run as evaluate_run
+from dlilabs.tracking.registry import update_champion
 from dlilabs.train import run as train_run
 
 TINY_CNN = ["model.conv_blocks=[{filters:4,dropout:0.0}]", "model.dense_units=16"]
@@ -148,8 +149,8 @@ def test_update_champion_moves_the_alias_only_to_a_better_version(store):
         client.get_model_version("asl_mlp", holder).run_id
     ).data.metrics["eval/val_accuracy"]
     client.log_metric(other_run, "eval/val_accuracy", holder_accuracy - 0.01)
-    assert not compare.update_champion(client, "asl_mlp", other)
+    assert not update_champion(client, "asl_mlp", other)
     assert str(client.get_model_version_by_alias("asl_mlp", "champion").version) == holder
     client.log_metric(other_run, "eval/val_accuracy", holder_accuracy + 0.01)
-    assert compare.update_champion(client, "asl_mlp", other)
+    assert update_champion(client, "asl_mlp", other)
     assert str(client.get_model_version_by_alias("asl_mlp", "champion").version) == other

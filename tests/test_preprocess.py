@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from dlilabs import preprocess
+from dlilabs import preprocess, rawdata
 from dlilabs.config import compose
 from dlilabs.errors import UserError
 from dlilabs.io import sha256_file
@@ -22,7 +22,7 @@ from dlilabs.io import sha256_file
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE_DIR = Path(__file__).resolve().parents[2] / "shared/datasets/sign_mnist_sample"
 ASL_LABELS = [label for label in range(25) if label != 9]
-HEADER = ["label", *preprocess.pixel_names()]
+HEADER = ["label", *rawdata.pixel_names()]
 
 
 # ---------------------------------------------------------------- helpers and fixtures
@@ -108,7 +108,7 @@ def test_kaggle_csv_remaps_labels_and_writes_outputs(project, newline):
 def test_read_kaggle_csv_engines_agree(tmp_path, engine):
     grid = asl_grid([5, 24, 0])
     path = write_csv(tmp_path / "sign_mnist_train.csv", grid)
-    x, y = preprocess.read_kaggle_csv(path, ASL_LABELS, engine=engine)
+    x, y = rawdata.read_kaggle_csv(path, ASL_LABELS, engine=engine)
     assert y.tolist() == [5, 23, 0]
     assert x[:, 0, 0].tolist() == [0, 1, 2]
 
@@ -215,7 +215,7 @@ def test_bad_cells_are_counted_and_the_first_reported(tmp_path):
     grid[5][7], grid[2][700] = "999", "256"
     path = write_csv(tmp_path / "sign_mnist_train.csv", grid)
     with pytest.raises(UserError, match=r"row 2, column pixel700: value 256 .*1 more"):
-        preprocess.read_kaggle_csv(path, ASL_LABELS)
+        rawdata.read_kaggle_csv(path, ASL_LABELS)
 
 
 def test_missing_raw_file_says_to_download(project):

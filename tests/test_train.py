@@ -16,7 +16,7 @@ import pytest
 from mlflow import MlflowClient
 
 from conftest import stage_env, write_prepared
-from dlilabs import tracking
+from dlilabs import fitting
 from dlilabs.config import compose
 from dlilabs.train import run as train_run
 
@@ -130,14 +130,14 @@ def test_same_seed_gives_identical_metrics(project, tiny_mnist):
 def test_stopped_training_ends_the_run_with_epochs_logged_and_no_model(
     project, tiny_mnist, monkeypatch, error, status
 ):
-    original = tracking.KeepBestWeights.on_epoch_end
+    original = fitting.KeepBestWeights.on_epoch_end
 
     def stop_at_third_epoch(self, epoch, logs=None):
         original(self, epoch, logs)
         if epoch == 1:
             raise error("stopped by the test")
 
-    monkeypatch.setattr(tracking.KeepBestWeights, "on_epoch_end", stop_at_third_epoch)
+    monkeypatch.setattr(fitting.KeepBestWeights, "on_epoch_end", stop_at_third_epoch)
     with pytest.raises(error):
         train_run(compose(TINY))
 

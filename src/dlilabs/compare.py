@@ -13,9 +13,6 @@ run: MLP vs CNN vs CNN + augmentation, the course's story in one picture) and `c
 A plain argparse CLI, not Hydra: the one free-form argument is an MLflow filter string, whose
 quotes, spaces and `=` Hydra's override grammar would have to escape. The defaults (store URI,
 experiment name) still come from conf/ through `dlilabs.config.compose`.
-
-Also here: `update_champion`, which the evaluate stage calls to move a registered model's
-`champion` alias to a better version.
 """
 
 from __future__ import annotations
@@ -27,60 +24,12 @@ from pathlib import Path
 
 import pandas as pd
 import yaml
-from mlflow import MlflowClient
-from mlflow.entities import Run
-from mlflow.exceptions import MlflowException
 
 from dlilabs.config import project_root
 from dlilabs.errors import UserError
+from dlilabs.tracking.query import client_for, find_runs
 
 log = logging.getLogger("dlilabs.compare")
-
-CHAMPION = "champion"
-# What the chart and table need from a run (the train stage logs them as summaries).
-REQUIRED = ("best/val/accuracy", "final/val/accuracy", "final/gap/accuracy")
-
-
-def update_champion(
-    client: MlflowClient,
-    name: str,
-    version: int | str,
-    metric: str = "eval/val_accuracy",
-    alias: str = CHAMPION,
-) -> bool:
-    """Point `alias` of registered model `name` at `version` if its run's `metric` beats the
-    current holder's (or nobody holds it). Returns True when the alias now names `version`."""
-    version = str(version)
-    candidate = _version_metric(client, name, version, metric)
-    try:
-        holder = client.get_model_version_by_alias(name, alias)
-    except MlflowException:  # no version holds the alias yet
-        holder = None
-    if holder is not None and str(holder.version) != version:
-        current = _version_metric(client, name, holder.version, metric)
-        if not candidate > current:  # NaN never wins; ties keep the older champion
-            log.info(
-                "%s v%s: %s %.4f does not beat @%s v%s (%.4f)",
-                name,
-                version,
-                metric,
-                candidate,
-                alias,
-                holder.version,
-                current,
-            )
-            return False
-    client.set_registered_model_alias(name, alias, version)
-    log.info("%s v%s is now @%s (%s %.4f)", name, version, alias, metric, candidate)
-    return True
-
-
-def _version_metric(client: MlflowClient, name: str, version: str, metric: str) -> float:
-    """The latest value of `metric` in the run that produced model version `version`."""
-    run_id = client.get_model_version(name, version).run_id
-    if not run_id:
-        return float("nan")
-    return client.get_run(run_id).data.metrics.get(metric, float("nan"))
 
 
 def lab_order(root: Path) -> list[str]:
@@ -91,46 +40,7 @@ def lab_order(root: Path) -> list[str]:
         return []
 
 
-def find_runs(
-    client: MlflowClient, experiment: str, filter_string: str = "", all_runs: bool = False
-) -> list[Run]:
-    """Finished runs of `experiment` matching the MLflow `filter_string` that carry the
-    summary metrics (image labs), newest first; only the newest per lab unless `all_runs`."""
-    found = client.get_experiment_by_name(experiment)
-    if found is None:
-        names = ", ".join(e.name for e in client.search_experiments()) or "none"
-        raise UserError(
-            f"no experiment {experiment!r} in the MLflow store {client.tracking_uri}"
-            f" (experiments there: {names}); run the pipeline first or pass "
-            "--experiment"
-        )
-    query = " and ".join(filter(None, ["attributes.status = 'FINISHED'", filter_string]))
-    try:
-        runs = client.search_runs(
-            [found.experiment_id], query, max_results=5000, order_by=["attributes.start_time DESC"]
-        )
-    except MlflowException as error:
-        raise UserError(
-            f"--filter {filter_string!r} is not a valid MLflow filter: "
-            f"{error.message}. Example: \"tags.demo = 'false'\" or "
-            "\"params.model.name = 'cnn'\""
-        ) from None
-    runs = [run for run in runs if all(key in run.data.metrics for key in REQUIRED)]
-    if not all_runs:
-        latest: dict[str, Run] = {}
-        for run in runs:
-            latest.setdefault(run.data.tags.get("lab", run.info.run_name), run)
-        runs = list(latest.values())
-    if not runs:
-        raise UserError(
-            f"no finished lab run with {REQUIRED[0]} in experiment {experiment!r}"
-            f"{f' matching {filter_string!r}' if filter_string else ''}: train a "
-            "lab first (dvc repro), or widen --filter"
-        )
-    return runs
-
-
-def comparison_table(runs: list[Run], order: list[str], all_runs: bool = False) -> pd.DataFrame:
+def comparison_table(runs: list, order: list[str], all_runs: bool = False) -> pd.DataFrame:
     """One row per run, in course order then by start time: label, lab, run, model,
     augment, epochs, the accuracy summaries and, when evaluated, eval/val_accuracy."""
     rows = []
@@ -188,18 +98,6 @@ def default_store(root: Path) -> tuple[str, str]:
     return tracking.uri, tracking.experiment_name
 
 
-def connect(uri: str) -> MlflowClient:
-    """A client for `uri`, refusing a SQLite path that does not exist (MLflow would create an
-    empty store there and report no runs, hiding the typo)."""
-    database = uri.removeprefix("sqlite:///")
-    if database != uri and not Path(database).is_file():
-        raise UserError(
-            f"no MLflow store at {database}: run the pipeline first (`dvc repro` "
-            "or `make demo`), or pass --tracking-uri"
-        )
-    return MlflowClient(uri)
-
-
 def parse_args(argv: list[str] | None, root: Path) -> argparse.Namespace:
     """The command line; defaults from conf/ (store, experiment) and the project folder."""
     uri, experiment = default_store(root)
@@ -234,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         root = project_root()
         args = parse_args(argv, root)
-        client = connect(args.tracking_uri)
+        client = client_for(args.tracking_uri)
         runs = find_runs(client, args.experiment, args.filter, args.all_runs)
         table = comparison_table(runs, lab_order(root), args.all_runs)
     except UserError as error:

@@ -1,21 +1,17 @@
-"""Hydra plumbing shared by every stage: where the project is, custom resolvers, entry points.
+"""Hydra plumbing shared by every stage: where the project is, custom resolvers, composing.
 
-Stages are `python -m dlilabs.<stage>`; each wraps a plain function with `stage_main`, which
-composes `conf/config.yaml` from the project the command runs in (so a DVC experiment
-folder's edited copy of `conf/` is the one used) and turns `UserError` into a clear message.
+Ground layer: imports nothing of dlilabs but `errors`. The entry-point wrapper the stages
+use (`stage_main`) lives in the top layer, `dlilabs.cli`, since it also handles tracking
+errors.
 """
 
 from __future__ import annotations
 
-import functools
 import importlib.util
 import logging
 import os
-import sys
-from collections.abc import Callable
 from pathlib import Path
 
-import hydra
 from omegaconf import DictConfig, OmegaConf
 
 from dlilabs.errors import UserError
@@ -95,44 +91,3 @@ def compose(overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
 def setup_logging() -> None:
     """Log INFO to the console for scripts run outside Hydra (Hydra sets up its own)."""
     logging.basicConfig(level=logging.INFO, format="[%(asctime)s][%(name)s] %(message)s")
-
-
-def stage_main(task: Callable[[DictConfig], object]) -> Callable[[], None]:
-    """Turn `task(cfg)` into a Hydra entry point that prints UserErrors without a traceback."""
-
-    @functools.wraps(task)
-    def guarded(cfg: DictConfig) -> object:
-        try:
-            return task(cfg)
-        except UserError as error:
-            # stderr, not the log: Hydra's console log goes to stdout, errors should not.
-            print(f"error: {error}", file=sys.stderr)
-            sys.exit(2)
-        except KeyboardInterrupt as interrupt:
-            log.error("interrupted (%s); the MLflow run, if any, is marked KILLED", interrupt)
-            sys.exit(130)
-        except Exception as error:
-            from dlilabs.server import tracking_user_error
-
-            # A tracking server that went away is the user's to fix, like a config mistake.
-            user_error = tracking_user_error(error)
-            if user_error is None:
-                raise
-            print(f"error: {user_error}", file=sys.stderr)
-            sys.exit(2)
-
-    hydra_entry = hydra.main(config_path=config_dir(), config_name="config", version_base="1.3")(
-        guarded
-    )
-
-    @functools.wraps(task)
-    def entry() -> None:
-        try:
-            hydra_entry()
-        except BaseException as error:  # a failed job or Ctrl-C ends a sweep early
-            from dlilabs.sweep import close_unfinished_parent
-
-            close_unfinished_parent("KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED")
-            raise
-
-    return entry

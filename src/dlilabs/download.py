@@ -31,7 +31,7 @@ import pooch
 import requests
 from omegaconf import DictConfig
 
-from dlilabs.config import stage_main
+from dlilabs.cli import stage_main
 from dlilabs.errors import UserError
 from dlilabs.io import atomic_path, sha256_file
 

@@ -8,7 +8,8 @@ metrics, the confusion matrix and a per-class table to the lab's MLflow run, who
 train stage left in `run.json`. Also draws `learning_curves.png`, `confusion.png` and
 `train_inputs.png` (dlilabs.plots; logged under the run's `plots/`), and moves the registry
 alias `champion` to this model version when its eval/val_accuracy beats the current
-champion's (dlilabs.compare.update_champion).
+champion's (dlilabs.tracking.registry.update_champion). Evaluate never changes the train
+run's status: its own outcome is the run's `eval.status` tag (and `eval.error`).
 """
 
 from __future__ import annotations
@@ -17,14 +18,13 @@ import logging
 from pathlib import Path
 
 import keras
-import mlflow
 import numpy as np
 import pandas as pd
 from omegaconf import DictConfig
 from sklearn.metrics import confusion_matrix
 
 from dlilabs import tracking
-from dlilabs.config import stage_main
+from dlilabs.cli import stage_main
 from dlilabs.errors import UserError
 from dlilabs.io import atomic_path, read_json, write_json
 
@@ -78,68 +78,53 @@ def evaluate_lab(cfg: DictConfig) -> dict:
     from dlilabs.data import load_split
 
     model, run_info = load_trained(Path(cfg.paths.model_dir))
-    prepared, eval_dir = Path(cfg.paths.prepared_dir), Path(cfg.paths.eval_dir)
-    class_names = [str(name) for name in cfg.dataset.class_names]
-    num_classes = len(class_names)
-    x_train, y_train = load_split(prepared / "train.npz")
-    x_val, y_val = load_split(prepared / "val.npz")
-    train_loss, train_accuracy, _ = score(model, x_train, y_train, num_classes)
-    val_loss, val_accuracy, predictions = score(model, x_val, y_val, num_classes)
-    matrix, per_class = class_report(y_val, predictions, class_names)
-    metrics = {
-        "train": {"loss": train_loss, "accuracy": train_accuracy},
-        "val": {"loss": val_loss, "accuracy": val_accuracy},
-        # The saved (best-epoch) model's overfitting gap, both splits scored without dropout
-        # or augmentation: comparable across labs.
-        "gap": {"accuracy": train_accuracy - val_accuracy, "loss": val_loss - train_loss},
-        "best_epoch": run_info.get("best_epoch"),
-    }
-    write_json(eval_dir / "metrics.json", metrics)
-    # Per-class accuracy is a chart (24 columns would swamp `dvc metrics show`).
-    with atomic_path(eval_dir / "class_accuracy.csv") as temporary:
-        pd.DataFrame({"class": list(per_class), "accuracy": list(per_class.values())}).to_csv(
-            temporary, index=False
-        )
-    names = np.asarray(class_names)
-    with atomic_path(eval_dir / "confusion.csv") as temporary:
-        pd.DataFrame({"actual": names[y_val], "predicted": names[predictions]}).to_csv(
-            temporary, index=False
-        )
-    from dlilabs import plots  # matplotlib is imported by the stages that draw, only
-
-    figures = plots.write_eval_figures(
-        cfg, matrix, (x_train, y_train), val_accuracy, run_info.get("best_epoch")
-    )
-
     tracking.connect(cfg.tracking)
-    with tracking.lab_run(cfg.lab, run_id=run_info["run_id"]):
-        mlflow.log_metrics(
-            {
-                "eval/train_loss": train_loss,
-                "eval/train_accuracy": train_accuracy,
-                "eval/val_loss": val_loss,
-                "eval/val_accuracy": val_accuracy,
-                "eval/gap_accuracy": metrics["gap"]["accuracy"],
-                "eval/gap_loss": metrics["gap"]["loss"],
-            }
-        )
-        mlflow.log_metrics(
-            {f"eval/class_accuracy/{name}": value for name, value in per_class.items()}
-        )
-        mlflow.log_dict(
-            {"classes": class_names, "rows_actual": matrix.tolist()},
-            "evaluation/confusion_matrix.json",
-        )
-        for name in ("metrics.json", "class_accuracy.csv"):
-            mlflow.log_artifact(str(eval_dir / name), "evaluation")
-        for figure in figures:
-            mlflow.log_artifact(str(figure), "plots")
-    if run_info.get("registered_version"):
-        from dlilabs.compare import update_champion
+    # Any failure from here on is recorded as the run's eval.status, not its status.
+    with tracking.evaluation_of(run_info["run_id"]) as client:
+        prepared, eval_dir = Path(cfg.paths.prepared_dir), Path(cfg.paths.eval_dir)
+        class_names = [str(name) for name in cfg.dataset.class_names]
+        num_classes = len(class_names)
+        x_train, y_train = load_split(prepared / "train.npz")
+        x_val, y_val = load_split(prepared / "val.npz")
+        train_loss, train_accuracy, _ = score(model, x_train, y_train, num_classes)
+        val_loss, val_accuracy, predictions = score(model, x_val, y_val, num_classes)
+        matrix, per_class = class_report(y_val, predictions, class_names)
+        metrics = {
+            "train": {"loss": train_loss, "accuracy": train_accuracy},
+            "val": {"loss": val_loss, "accuracy": val_accuracy},
+            # The saved (best-epoch) model's overfitting gap, both splits scored without dropout
+            # or augmentation: comparable across labs.
+            "gap": {"accuracy": train_accuracy - val_accuracy, "loss": val_loss - train_loss},
+            "best_epoch": run_info.get("best_epoch"),
+        }
+        write_json(eval_dir / "metrics.json", metrics)
+        # Per-class accuracy is a chart (24 columns would swamp `dvc metrics show`).
+        with atomic_path(eval_dir / "class_accuracy.csv") as temporary:
+            pd.DataFrame({"class": list(per_class), "accuracy": list(per_class.values())}).to_csv(
+                temporary, index=False
+            )
+        names = np.asarray(class_names)
+        with atomic_path(eval_dir / "confusion.csv") as temporary:
+            pd.DataFrame({"actual": names[y_val], "predicted": names[predictions]}).to_csv(
+                temporary, index=False
+            )
+        from dlilabs import plots  # matplotlib is imported by the stages that draw, only
 
-        update_champion(
-            mlflow.MlflowClient(), run_info["registered_model"], run_info["registered_version"]
+        figures = plots.write_eval_figures(
+            cfg, matrix, (x_train, y_train), val_accuracy, run_info.get("best_epoch")
         )
+
+        logged = {f"eval/{split}_{name}": value for split in ("train", "val", "gap")
+                  for name, value in metrics[split].items()}  # fmt: skip
+        logged.update({f"eval/class_accuracy/{name}": value for name, value in per_class.items()})
+        files = [eval_dir / name for name in ("metrics.json", "class_accuracy.csv")]
+        tracking.log_evaluation(
+            client, run_info["run_id"], logged, matrix, class_names, files, figures
+        )
+        if run_info.get("registered_version"):
+            tracking.update_champion(
+                client, run_info["registered_model"], run_info["registered_version"]
+            )
     log.info(
         "%s: val accuracy %.4f, train accuracy %.4f, gap %.4f (run %s)",
         cfg.lab,

@@ -6,13 +6,12 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-import mlflow
 import numpy as np
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from dlilabs import tracking
+from dlilabs.fitting import make_optimizer, seed_everything
 from dlilabs.io import write_json
-from dlilabs.sweep import child_tags_and_name, in_sweep, job_overrides
 
 log = logging.getLogger("dlilabs.linefit")
 
@@ -30,7 +29,6 @@ def fit_line(x: np.ndarray, y: np.ndarray, trainer: DictConfig):
     import tensorflow as tf
 
     from dlilabs.models import build_linear
-    from dlilabs.train import make_optimizer
 
     model = build_linear()
     model.compile(
@@ -66,18 +64,15 @@ def fit_line(x: np.ndarray, y: np.ndarray, trainer: DictConfig):
 
 def fit_line_lab(cfg: DictConfig) -> dict:
     """Run the line-fit lab as one MLflow run; write models/line_fit/* and eval/line_fit/."""
-    from dlilabs.train import finish_run, seed_everything
-
     seed_everything(cfg.trainer.seed, cfg.trainer.deterministic)
     x = np.asarray(cfg.dataset.x, dtype=np.float64)
     y = np.asarray(cfg.dataset.y, dtype=np.float64)
     floor = least_squares(x, y)
     experiment_id = tracking.connect(cfg.tracking)
     tags = tracking.run_tags(cfg, "line_fit", {"device": "cpu", "task": "regression"})
-    sweep_tags, run_name = child_tags_and_name(cfg.lab, job_overrides())
+    sweep_tags, run_name = tracking.child_tags_and_name(cfg.lab, tracking.job_overrides())
     with tracking.lab_run(run_name, {**tags, **sweep_tags}) as run:
-        mlflow.log_params(tracking.flatten_config(cfg))
-        mlflow.log_text(OmegaConf.to_yaml(cfg, resolve=True), "config.yaml")
+        tracking.log_config(cfg)
         model, rows, fitted = fit_line(x, y, cfg.trainer)
         metrics = {
             "fit/mse": fitted["mse"],
@@ -89,10 +84,12 @@ def fit_line_lab(cfg: DictConfig) -> dict:
             # How far the optimizer stopped above the best any line can do.
             "gap/mse": fitted["mse"] - floor["mse"],
         }
-        mlflow.log_metrics(metrics)
+        tracking.log_metrics(metrics)
         sample = x[:3].reshape(-1, 1).astype(np.float32)
-        run_info, model_dir = finish_run(cfg, run, experiment_id, model, sample, rows, metrics)
-        eval_dir = model_dir if in_sweep() else Path(cfg.paths.eval_dir)
+        run_info, model_dir = tracking.finish_run(
+            cfg, run, experiment_id, model, sample, rows, metrics
+        )
+        eval_dir = model_dir if tracking.in_sweep() else Path(cfg.paths.eval_dir)
         write_json(eval_dir / "metrics.json", metrics)
     log.info(
         "line_fit (%s): y = %.4f x + %.4f, MSE %.3f; least squares y = %.4f x + %.4f, MSE %.3f",

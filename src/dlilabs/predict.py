@@ -47,7 +47,7 @@ def load_image(path: Path) -> np.ndarray:
 def load_csv(path: Path) -> tuple[np.ndarray, np.ndarray | None]:
     """A Kaggle-layout CSV -> float32 images (n, 28, 28) in [0, 1] and the raw `label`
     column (n,) if there is one. Bad cells are UserErrors naming the row and column."""
-    from dlilabs.preprocess import PIXELS, frame_values, pixel_names, read_csv, to_images
+    from dlilabs.rawdata import PIXELS, frame_values, pixel_names, read_csv, to_images
 
     frame = read_csv(path, header=True)
     columns = pixel_names()
@@ -92,23 +92,17 @@ def tracking_uri(uri: str | None) -> str:
     return compose().tracking.uri
 
 
-def store_exists(uri: str) -> bool:
-    """False for a SQLite store whose file is missing (opening it would create it)."""
-    database = uri.removeprefix("sqlite:///")
-    return database == uri or Path(database).is_file()
-
-
 def load_model(spec: str, root: Path, uri: str):
     """MODEL (see the module doc) -> (Keras model, dataset name or None, description)."""
     import keras
-    import mlflow
 
-    mlflow.set_tracking_uri(uri)
+    from dlilabs.tracking import registry
+
     if spec.startswith(("models:/", "runs:/")):
-        return _load_mlflow(spec, uri) + (spec,)
+        return registry.load_keras_model(spec, uri) + (spec,)
     path = Path(spec)
     if path.is_dir() and (path / "MLmodel").is_file():
-        return mlflow.keras.load_model(str(path)), None, str(path)
+        return registry.load_model_folder(path), None, str(path)
     if path.is_dir() and (path / "model.keras").is_file():
         path = path / "model.keras"
     if path.is_file():
@@ -116,10 +110,11 @@ def load_model(spec: str, root: Path, uri: str):
             return keras.saving.load_model(path, safe_mode=True), None, str(path)
         except (ValueError, OSError) as error:
             raise UserError(f"{path}: not a Keras model file ({error})") from None
-    version = _latest_version(spec, uri) if store_exists(uri) and "/" not in spec else None
+    known = registry.store_exists(uri) and "/" not in spec
+    version = registry.latest_version(spec, uri) if known else None
     if version is not None:
         model_uri = f"models:/{spec}/{version}"
-        return _load_mlflow(model_uri, uri) + (model_uri,)
+        return registry.load_keras_model(model_uri, uri) + (model_uri,)
     local = root / "models" / spec / "model.keras"
     if local.is_file():
         return keras.saving.load_model(local, safe_mode=True), None, str(local)
@@ -128,33 +123,6 @@ def load_model(spec: str, root: Path, uri: str):
         f"{local.relative_to(root)} in {root}. Train it first (`dvc repro "
         f"train@{spec}`), or give a path or models:/<name>@<alias>"
     )
-
-
-def _latest_version(name: str, uri: str) -> str | None:
-    """The highest version number registered under `name`, or None."""
-    from mlflow import MlflowClient
-
-    versions = MlflowClient(uri).search_model_versions(f"name = '{name.replace(chr(39), '')}'")
-    return max((v.version for v in versions), key=int, default=None)
-
-
-def _load_mlflow(model_uri: str, uri: str):
-    """(Keras model, its run's dataset.name param or None) from an MLflow model URI."""
-    import mlflow
-    from mlflow.exceptions import MlflowException
-
-    if not store_exists(uri):
-        raise UserError(
-            f"no MLflow store at {uri}: cannot resolve {model_uri}; run the "
-            "pipeline first or pass --tracking-uri"
-        )
-    try:
-        model = mlflow.keras.load_model(model_uri)
-        info = mlflow.models.get_model_info(model_uri)
-    except MlflowException as error:
-        raise UserError(f"cannot load {model_uri} from {uri}: {error.message}") from None
-    run = mlflow.MlflowClient(uri).get_run(info.run_id) if info.run_id else None
-    return model, run.data.params.get("dataset.name") if run else None
 
 
 def dataset_classes(

@@ -9,118 +9,16 @@ best/final summaries, the resolved config, the history and the model (registered
 from __future__ import annotations
 
 import logging
-import sys
 from pathlib import Path
 
-import keras
-import mlflow
 import numpy as np
-import pandas as pd
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from dlilabs import tracking
-from dlilabs.config import stage_main
-from dlilabs.errors import UserError
-from dlilabs.io import atomic_path, sha256_file, write_json
-from dlilabs.sweep import child_tags_and_name, job_output_dir, job_overrides
+from dlilabs.cli import stage_main
+from dlilabs.fitting import fit, make_optimizer, seed_everything, summary_metrics
 
 log = logging.getLogger("dlilabs.train")
-
-
-def make_optimizer(optimizer: str, learning_rate: float | None) -> keras.optimizers.Optimizer:
-    """A Keras optimizer by name; `learning_rate=None` keeps Keras' default (RMSprop: 1e-3)."""
-    config = {} if learning_rate is None else {"learning_rate": learning_rate}
-    try:
-        return keras.optimizers.get({"class_name": optimizer, "config": config})
-    except ValueError as error:
-        raise UserError(
-            f"trainer.optimizer={optimizer!r} is not a Keras optimizer: use one of sgd, rmsprop, "
-            "adam, adamw, adagrad, adadelta, adamax, nadam, ftrl, lion"
-        ) from error
-
-
-def seed_everything(seed: int, deterministic: bool = False) -> None:
-    """Seed Python, NumPy and TensorFlow; optionally make TF ops deterministic."""
-    import tensorflow as tf
-
-    keras.utils.set_random_seed(seed)
-    if deterministic:
-        tf.config.experimental.enable_op_determinism()
-
-
-def fit(
-    model: keras.Model, train_data, val_data, epochs: int, monitor: str
-) -> tuple[list[dict[str, float]], int]:
-    """Fit inside an active MLflow run, logging every epoch; leave the best epoch's weights
-    in `model`. Returns (history rows, best epoch, 1-based)."""
-    epoch_logger = tracking.EpochLogger()
-    best = tracking.KeepBestWeights(monitor)
-    # One line per epoch when logs go to a file (DVC, SLURM); a live bar in a terminal.
-    verbose = 1 if sys.stdout.isatty() else 2
-    try:
-        # shuffle=False: the tf.data pipeline already reshuffles every epoch.
-        model.fit(
-            train_data,
-            validation_data=val_data,
-            epochs=epochs,
-            shuffle=False,
-            callbacks=[epoch_logger, best],
-            verbose=verbose,
-        )
-    finally:
-        epoch_logger.flush()  # epochs done so far reach MLflow even if training stops early
-    best.restore()
-    return epoch_logger.rows, best.best_epoch or len(epoch_logger.rows)
-
-
-def save_outputs(model_dir: Path, model: keras.Model, rows: list[dict], run_info: dict) -> None:
-    """Write model.keras, history.csv, then run.json (last: its presence means complete)."""
-    with atomic_path(model_dir / "model.keras") as temporary:
-        model.save(temporary)
-    with atomic_path(model_dir / "history.csv") as temporary:
-        pd.DataFrame(rows).to_csv(temporary, index=False)
-    write_json(model_dir / "run.json", run_info)
-
-
-def finish_run(
-    cfg: DictConfig,
-    run,
-    experiment_id: str,
-    model: keras.Model,
-    sample: np.ndarray,
-    rows: list[dict],
-    metrics: dict,
-    **extra,
-) -> tuple[dict, Path]:
-    """Inside the lab's run: log and register the model (signature from `sample` inputs),
-    write the DVC outputs and log the history. Returns (run.json's content, model folder)."""
-    registered = cfg.tracking.model_name if cfg.tracking.register_models else None
-    model_info = tracking.log_keras_model(model, sample, registered)
-    run_info = {
-        "lab": cfg.lab,
-        "run_id": run.info.run_id,
-        "experiment_id": experiment_id,
-        "model_uri": model_info.model_uri,
-        "registered_model": registered,
-        "registered_version": getattr(model_info, "registered_model_version", None),
-        "epochs": len(rows),
-        **extra,
-        **metrics,
-    }
-    model_dir = job_output_dir(cfg.paths.model_dir)
-    save_outputs(model_dir, model, rows, run_info)
-    mlflow.log_artifact(str(model_dir / "history.csv"))
-    return run_info, model_dir
-
-
-def data_tags(train_file: Path, val_file: Path, train_rows: int, val_rows: int) -> dict:
-    """Tags that pin the exact data: sha256 and row counts of the prepared splits."""
-    return {
-        "data.train.sha256": sha256_file(train_file),
-        "data.val.sha256": sha256_file(val_file),
-        "data.train.rows": str(train_rows),
-        "data.val.rows": str(val_rows),
-    }
 
 
 def train_lab(cfg: DictConfig) -> dict:
@@ -167,19 +65,26 @@ def train_lab(cfg: DictConfig) -> dict:
             "device": device["device"],
             "device.name": device["device_name"],
             "precision": device["precision"],
-            **data_tags(prepared / "train.npz", prepared / "val.npz", len(x_train), len(x_val)),
+            **tracking.data_tags(
+                prepared / "train.npz", prepared / "val.npz", len(x_train), len(x_val)
+            ),
         },
     )
-    sweep_tags, run_name = child_tags_and_name(cfg.lab, job_overrides())
+    sweep_tags, run_name = tracking.child_tags_and_name(cfg.lab, tracking.job_overrides())
     with tracking.lab_run(run_name, {**tags, **sweep_tags}) as run:
         log.info("MLflow run %s (%s) in experiment %s", run.info.run_id, cfg.lab, experiment_id)
-        mlflow.log_params(tracking.flatten_config(cfg))
-        mlflow.log_text(OmegaConf.to_yaml(cfg, resolve=True), "config.yaml")
-        rows, best_epoch = fit(model, train_data, val_data, trainer.epochs, trainer.monitor)
-        summary = tracking.summary_metrics(rows, best_epoch)
-        mlflow.log_metrics(summary)
+        tracking.log_config(cfg)
+        epoch_logger = tracking.EpochLogger()
+        try:
+            rows, best_epoch = fit(
+                model, train_data, val_data, trainer.epochs, trainer.monitor, [epoch_logger]
+            )
+        finally:
+            epoch_logger.flush()  # epochs done so far reach MLflow even if training stops early
+        summary = summary_metrics(rows, best_epoch)
+        tracking.log_metrics(summary)
         sample = x_val[:5].astype(np.float32) / 255.0
-        run_info, _ = finish_run(
+        run_info, _ = tracking.finish_run(
             cfg, run, experiment_id, model, sample, rows, summary, device=device
         )
     log.info(

@@ -98,10 +98,10 @@ class MlflowSweepCallback(Callback):
         import mlflow
         from mlflow.entities import Param
 
-        from dlilabs import tracking
+        from dlilabs.tracking.store import connect
 
         # Connecting here creates the store's schema once, before parallel jobs race to.
-        experiment_id = tracking.connect(config.tracking)
+        experiment_id = connect(config.tracking)
         overrides = list(config.hydra.overrides.task)
         run = mlflow.MlflowClient().create_run(
             experiment_id,

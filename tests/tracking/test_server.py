@@ -22,9 +22,9 @@ from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
 from conftest import stage_env, write_prepared
-from dlilabs import server
 from dlilabs.config import compose
 from dlilabs.errors import UserError
+from dlilabs.tracking import server, store
 
 TINY = ["experiment=mnist_mlp", "model.hidden_units=[32]", "tracking=server"]
 JOBS = 4
@@ -132,13 +132,13 @@ def experiment_runs(client: MlflowClient) -> list:
 
 
 def test_client_settings_fail_fast(project, monkeypatch):
-    for variable in server.HTTP_SETTINGS.values():
+    for variable in store.HTTP_SETTINGS.values():
         monkeypatch.delenv(variable, raising=False)
-    server.apply_client_settings(compose(["tracking=server"]).tracking)
+    store.apply_client_settings(compose(["tracking=server"]).tracking)
     assert os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] == "20"
     assert os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] == "2"
     assert os.environ["MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR"] == "1"
-    server.apply_client_settings(compose().tracking)  # sqlite: no http_* keys, nothing changes
+    store.apply_client_settings(compose().tracking)  # sqlite: no http_* keys, nothing changes
     assert os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] == "20"
 
 
@@ -149,7 +149,7 @@ def test_a_dead_server_is_one_clear_error(monkeypatch):
     with pytest.raises(MlflowException) as caught:  # what MLflow raises, deep in a job
         MlflowClient(uri).get_experiment_by_name("dlilabs")
     assert time.monotonic() - started < 10
-    error = server.tracking_user_error(caught.value, uri)
+    error = store.tracking_user_error(caught.value, uri)
     assert isinstance(error, UserError)
     assert str(error) == (
         f"lost the MLflow tracking server at {uri}: connection refused. "
@@ -158,8 +158,8 @@ def test_a_dead_server_is_one_clear_error(monkeypatch):
     # Other hosts' failures (a dataset download) and other stores are not the server's.
     with pytest.raises(requests.ConnectionError) as other:
         requests.get(f"http://127.0.0.1:{server.free_port()}/data", timeout=5)
-    assert server.tracking_user_error(other.value, uri) is None
-    assert server.tracking_user_error(other.value, "sqlite:///mlflow.db") is None
+    assert store.tracking_user_error(other.value, uri) is None
+    assert store.tracking_user_error(other.value, "sqlite:///mlflow.db") is None
 
 
 @pytest.mark.slow

@@ -1,9 +1,9 @@
-"""MLflow tracking: the store, run metadata, per-epoch metrics and the logged Keras model.
+"""A lab's MLflow run: its tags and params, per-epoch metrics, the logged Keras model, and
+a lifecycle that always ends with a true status.
 
 Metric names are stable and grouped: `train/loss`, `train/accuracy`, `val/loss`,
 `val/accuracy`, and the overfitting gap `gap/accuracy` (train - val) and `gap/loss`
-(val - train). The history CSV uses the same names with `_` (`train_accuracy`), which
-DVC's plot templates read more easily.
+(val - train), as `dlilabs.fitting` computes them.
 """
 
 from __future__ import annotations
@@ -12,7 +12,6 @@ import contextlib
 import logging
 import os
 import signal
-import sqlite3
 import subprocess
 import time
 import types
@@ -25,69 +24,11 @@ import numpy as np
 from mlflow.entities import Metric
 from omegaconf import DictConfig, OmegaConf
 
-from dlilabs.server import apply_client_settings
+from dlilabs.fitting import history_row, metric_name
+from dlilabs.io import sha256_file
+from dlilabs.tracking.store import retry_if_locked
 
 log = logging.getLogger("dlilabs.tracking")
-
-HISTORY_COLUMNS = (
-    "train_loss",
-    "train_accuracy",
-    "val_loss",
-    "val_accuracy",
-    "gap_loss",
-    "gap_accuracy",
-)
-
-
-def connect(tracking_cfg: DictConfig) -> str:
-    """Point MLflow at the configured store and return the experiment id (created if new,
-    with its artifacts under `tracking.artifact_location`, whatever the working directory)."""
-    apply_client_settings(tracking_cfg)  # a dead server fails fast, not after minutes
-    database = tracking_cfg.uri.removeprefix("sqlite:///")
-    if database != tracking_cfg.uri:
-        Path(database).parent.mkdir(parents=True, exist_ok=True)
-    mlflow.set_tracking_uri(tracking_cfg.uri)
-    experiment = retry_if_locked(mlflow.get_experiment_by_name, tracking_cfg.experiment_name)
-    if database != tracking_cfg.uri:
-        use_write_ahead_log(Path(database))
-    if experiment is not None:
-        experiment_id = experiment.experiment_id
-    else:
-        location = tracking_cfg.artifact_location
-        if location and "://" not in location:
-            location = Path(location).resolve().as_uri()
-        try:
-            experiment_id = mlflow.create_experiment(
-                tracking_cfg.experiment_name, artifact_location=location
-            )
-        except mlflow.exceptions.MlflowException:
-            # A parallel job created it between our lookup and now.
-            experiment_id = mlflow.get_experiment_by_name(
-                tracking_cfg.experiment_name
-            ).experiment_id
-    mlflow.set_experiment(experiment_id=experiment_id)
-    return experiment_id
-
-
-def use_write_ahead_log(database: Path) -> None:
-    """Switch a SQLite store to write-ahead logging (persistent, once per file): readers no
-    longer block the writer, so parallel sweep jobs rarely meet "database is locked"."""
-    with contextlib.closing(sqlite3.connect(database, timeout=30)) as connection:
-        if connection.execute("PRAGMA journal_mode").fetchone()[0] != "wal":
-            retry_if_locked(connection.execute, "PRAGMA journal_mode=WAL")
-
-
-def retry_if_locked(function, *args, attempts: int = 8, **kwargs):
-    """Call `function`, retrying with backoff while SQLite says "database is locked"."""
-    for attempt in range(attempts):
-        try:
-            return function(*args, **kwargs)
-        except Exception as error:
-            if "database is locked" not in str(error) or attempt == attempts - 1:
-                raise
-            log.warning("MLflow store busy (database is locked); retrying")
-            time.sleep(0.2 * 2**attempt)
-    return None
 
 
 def flatten_config(cfg: DictConfig) -> dict[str, str]:
@@ -150,26 +91,6 @@ def run_tags(cfg: DictConfig, stage: str, extra: dict[str, str]) -> dict[str, st
     return tags
 
 
-def history_row(epoch: int, logs: dict) -> dict[str, float]:
-    """Keras epoch logs -> one history row: epoch (1-based), train/val loss and accuracy, gaps."""
-    row = {"epoch": epoch}
-    for key, value in logs.items():
-        name = key.removeprefix("val_")
-        split = "val" if key.startswith("val_") else "train"
-        if name in ("loss", "accuracy"):
-            row[f"{split}_{name}"] = float(value)
-    if "val_accuracy" in row and "train_accuracy" in row:
-        row["gap_accuracy"] = row["train_accuracy"] - row["val_accuracy"]
-    if "val_loss" in row and "train_loss" in row:
-        row["gap_loss"] = row["val_loss"] - row["train_loss"]
-    return row
-
-
-def metric_name(column: str) -> str:
-    """History column -> MLflow metric name: `train_accuracy` -> `train/accuracy`."""
-    return column.replace("_", "/", 1)
-
-
 class EpochLogger(keras.callbacks.Callback):
     """Logs every epoch to the active MLflow run and keeps the rows for the history CSV.
 
@@ -210,49 +131,6 @@ class EpochLogger(keras.callbacks.Callback):
             for start in range(0, len(pending), 1000):
                 batch = pending[start : start + 1000]
                 retry_if_locked(client.log_batch, run.info.run_id, metrics=batch)
-
-
-class KeepBestWeights(keras.callbacks.Callback):
-    """Remembers the weights of the best epoch by `monitor` and restores them after training.
-
-    The course keeps the last weights, and lab 4's last epoch can be far below its best."""
-
-    def __init__(self, monitor: str = "val_accuracy"):
-        super().__init__()
-        self.monitor = monitor
-        self.maximize = "accuracy" in monitor
-        self.best_value: float | None = None
-        self.best_epoch = 0
-        self.best_weights = None
-
-    def on_epoch_end(self, epoch, logs=None):
-        value = (logs or {}).get(self.monitor)
-        if value is None:
-            return
-        improved = self.best_value is None or (
-            value > self.best_value if self.maximize else value < self.best_value
-        )
-        if improved:
-            self.best_value, self.best_epoch = float(value), epoch + 1
-            self.best_weights = self.model.get_weights()
-
-    def restore(self) -> None:
-        """Load the best epoch's weights into the model (no-op if no epoch finished)."""
-        if self.best_weights is not None:
-            self.model.set_weights(self.best_weights)
-
-
-def summary_metrics(rows: list[dict[str, float]], best_epoch: int) -> dict[str, float]:
-    """Best and final of each history column, and the best epoch (1-based)."""
-    summary: dict[str, float] = {"best_epoch": float(best_epoch)}
-    if not rows:
-        return summary
-    best_row = rows[best_epoch - 1] if best_epoch else rows[-1]
-    for column in HISTORY_COLUMNS:
-        if column in rows[-1]:
-            summary[f"final/{metric_name(column)}"] = rows[-1][column]
-            summary[f"best/{metric_name(column)}"] = best_row[column]
-    return summary
 
 
 def _save_keras_model(path, **kwargs):
@@ -317,3 +195,59 @@ def lab_run(
     finally:
         if previous_handler is not None:
             signal.signal(signal.SIGTERM, previous_handler)
+
+
+def data_tags(train_file: Path, val_file: Path, train_rows: int, val_rows: int) -> dict:
+    """Tags that pin the exact data: sha256 and row counts of the prepared splits."""
+    return {
+        "data.train.sha256": sha256_file(train_file),
+        "data.val.sha256": sha256_file(val_file),
+        "data.train.rows": str(train_rows),
+        "data.val.rows": str(val_rows),
+    }
+
+
+def log_config(cfg: DictConfig) -> None:
+    """The flattened config as params, the resolved one as `config.yaml`, on the active run."""
+    mlflow.log_params(flatten_config(cfg))
+    mlflow.log_text(OmegaConf.to_yaml(cfg, resolve=True), "config.yaml")
+
+
+def log_metrics(metrics: dict[str, float]) -> None:
+    """Log summary metrics (no step) to the active run."""
+    mlflow.log_metrics(metrics)
+
+
+def finish_run(
+    cfg: DictConfig,
+    run,
+    experiment_id: str,
+    model: keras.Model,
+    sample: np.ndarray,
+    rows: list[dict],
+    metrics: dict,
+    **extra,
+) -> tuple[dict, Path]:
+    """Inside the lab's run: log and register the model (signature from `sample` inputs),
+    write the DVC outputs (model.keras, history.csv, run.json) and log the history.
+    Returns (run.json's content, model folder)."""
+    from dlilabs.fitting import save_outputs
+    from dlilabs.tracking.sweep import job_output_dir
+
+    registered = cfg.tracking.model_name if cfg.tracking.register_models else None
+    model_info = log_keras_model(model, sample, registered)
+    run_info = {
+        "lab": cfg.lab,
+        "run_id": run.info.run_id,
+        "experiment_id": experiment_id,
+        "model_uri": model_info.model_uri,
+        "registered_model": registered,
+        "registered_version": getattr(model_info, "registered_model_version", None),
+        "epochs": len(rows),
+        **extra,
+        **metrics,
+    }
+    model_dir = job_output_dir(cfg.paths.model_dir)
+    save_outputs(model_dir, model, rows, run_info)
+    mlflow.log_artifact(str(model_dir / "history.csv"))
+    return run_info, model_dir

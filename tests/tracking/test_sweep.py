@@ -10,7 +10,7 @@ from mlflow import MlflowClient
 
 from conftest import stage_env
 from dlilabs.config import compose
-from dlilabs.sweep import best_child, sweep_keys
+from dlilabs.tracking.sweep import best_child, sweep_keys
 
 TINY = ["experiment=mnist_mlp", "trainer.epochs=2"]
 

@@ -1,0 +1,172 @@
+"""What every trainer shares: seeding, optimizers by name, the fit loop and its history.
+
+Core layer (Keras and arrays, no MLflow): the train stage and the line-fit lab both build on
+it, and hand `fit` whatever extra callbacks they need (the MLflow epoch logger, say).
+
+History rows use `_`-joined names (`train_accuracy`), which DVC's plot templates read more
+easily; `metric_name` turns them into the grouped MLflow names (`train/accuracy`). The gap
+is `gap_accuracy` = train - val and `gap_loss` = val - train: positive means overfitting.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import keras
+import pandas as pd
+
+from dlilabs.errors import UserError
+from dlilabs.io import atomic_path, write_json
+
+HISTORY_COLUMNS = (
+    "train_loss",
+    "train_accuracy",
+    "val_loss",
+    "val_accuracy",
+    "gap_loss",
+    "gap_accuracy",
+)
+OPTIMIZERS = (
+    "sgd",
+    "rmsprop",
+    "adam",
+    "adamw",
+    "adagrad",
+    "adadelta",
+    "adamax",
+    "nadam",
+    "ftrl",
+    "lion",
+)
+
+
+def make_optimizer(optimizer: str, learning_rate: float | None) -> keras.optimizers.Optimizer:
+    """A Keras optimizer by name; `learning_rate=None` keeps Keras' default (RMSprop: 1e-3)."""
+    config = {} if learning_rate is None else {"learning_rate": learning_rate}
+    try:
+        return keras.optimizers.get({"class_name": optimizer, "config": config})
+    except ValueError as error:
+        raise UserError(
+            f"trainer.optimizer={optimizer!r} is not a Keras optimizer: use one of "
+            f"{', '.join(OPTIMIZERS)}"
+        ) from error
+
+
+def seed_everything(seed: int, deterministic: bool = False) -> None:
+    """Seed Python, NumPy and TensorFlow; optionally make TF ops deterministic."""
+    import tensorflow as tf
+
+    keras.utils.set_random_seed(seed)
+    if deterministic:
+        tf.config.experimental.enable_op_determinism()
+
+
+def history_row(epoch: int, logs: dict) -> dict[str, float]:
+    """Keras epoch logs -> one history row: epoch (1-based), train/val loss and accuracy, gaps."""
+    row = {"epoch": epoch}
+    for key, value in logs.items():
+        name = key.removeprefix("val_")
+        split = "val" if key.startswith("val_") else "train"
+        if name in ("loss", "accuracy"):
+            row[f"{split}_{name}"] = float(value)
+    if "val_accuracy" in row and "train_accuracy" in row:
+        row["gap_accuracy"] = row["train_accuracy"] - row["val_accuracy"]
+    if "val_loss" in row and "train_loss" in row:
+        row["gap_loss"] = row["val_loss"] - row["train_loss"]
+    return row
+
+
+def metric_name(column: str) -> str:
+    """History column -> MLflow metric name: `train_accuracy` -> `train/accuracy`."""
+    return column.replace("_", "/", 1)
+
+
+class EpochHistory(keras.callbacks.Callback):
+    """Collects one `history_row` per finished epoch in `rows` (kept if training stops)."""
+
+    def __init__(self):
+        super().__init__()
+        self.rows: list[dict[str, float]] = []
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.rows.append(history_row(epoch + 1, logs or {}))
+
+
+class KeepBestWeights(keras.callbacks.Callback):
+    """Remembers the weights of the best epoch by `monitor` and restores them after training.
+
+    The course keeps the last weights, and lab 4's last epoch can be far below its best."""
+
+    def __init__(self, monitor: str = "val_accuracy"):
+        super().__init__()
+        self.monitor = monitor
+        self.maximize = "accuracy" in monitor
+        self.best_value: float | None = None
+        self.best_epoch = 0
+        self.best_weights = None
+
+    def on_epoch_end(self, epoch, logs=None):
+        value = (logs or {}).get(self.monitor)
+        if value is None:
+            return
+        improved = self.best_value is None or (
+            value > self.best_value if self.maximize else value < self.best_value
+        )
+        if improved:
+            self.best_value, self.best_epoch = float(value), epoch + 1
+            self.best_weights = self.model.get_weights()
+
+    def restore(self) -> None:
+        """Load the best epoch's weights into the model (no-op if no epoch finished)."""
+        if self.best_weights is not None:
+            self.model.set_weights(self.best_weights)
+
+
+def fit(
+    model: keras.Model,
+    train_data,
+    val_data,
+    epochs: int,
+    monitor: str,
+    callbacks: list | None = None,
+) -> tuple[list[dict[str, float]], int]:
+    """Fit a compiled model on tf.data batches, with `callbacks` (e.g. an MLflow logger);
+    leave the best epoch's weights in `model`. Returns (history rows, best epoch, 1-based)."""
+    history = EpochHistory()
+    best = KeepBestWeights(monitor)
+    # One line per epoch when logs go to a file (DVC, SLURM); a live bar in a terminal.
+    verbose = 1 if sys.stdout.isatty() else 2
+    # shuffle=False: the tf.data pipeline already reshuffles every epoch.
+    model.fit(
+        train_data,
+        validation_data=val_data,
+        epochs=epochs,
+        shuffle=False,
+        callbacks=[*(callbacks or []), history, best],
+        verbose=verbose,
+    )
+    best.restore()
+    return history.rows, best.best_epoch or len(history.rows)
+
+
+def summary_metrics(rows: list[dict[str, float]], best_epoch: int) -> dict[str, float]:
+    """Best and final of each history column, and the best epoch (1-based)."""
+    summary: dict[str, float] = {"best_epoch": float(best_epoch)}
+    if not rows:
+        return summary
+    best_row = rows[best_epoch - 1] if best_epoch else rows[-1]
+    for column in HISTORY_COLUMNS:
+        if column in rows[-1]:
+            summary[f"final/{metric_name(column)}"] = rows[-1][column]
+            summary[f"best/{metric_name(column)}"] = best_row[column]
+    return summary
+
+
+def save_outputs(model_dir: Path, model: keras.Model, rows: list[dict], run_info: dict) -> None:
+    """Write model.keras, history.csv, then run.json (last: its presence means complete)."""
+    with atomic_path(model_dir / "model.keras") as temporary:
+        model.save(temporary)
+    with atomic_path(model_dir / "history.csv") as temporary:
+        pd.DataFrame(rows).to_csv(temporary, index=False)
+    write_json(model_dir / "run.json", run_info)

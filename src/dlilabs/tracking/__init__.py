@@ -1,0 +1,45 @@
+"""Everything that talks to MLflow or to a store, in one package.
+
+    store       connect to the store (SQLite or a tracking server), survive it going away
+    runs        a lab run: tags, params, per-epoch metrics, the logged model, its lifecycle
+    evaluation  what evaluate records in the train run, without touching its status
+    registry    the `champion` alias; loading registered models
+    query       finding finished lab runs (dlilabs.compare)
+    sweep       Hydra multirun as one parent run with a child per job
+    server      the team server: PostgreSQL + `mlflow server`
+
+The names below are what the stages use. They load lazily, on first use, so that a stage
+which never logs (download, preprocess) does not pay for importing MLflow and Keras.
+"""
+
+from __future__ import annotations
+
+import importlib
+
+_EXPORTS = {
+    "connect": "store",
+    "tracking_user_error": "store",
+    "run_tags": "runs",
+    "data_tags": "runs",
+    "lab_run": "runs",
+    "log_config": "runs",
+    "log_metrics": "runs",
+    "finish_run": "runs",
+    "EpochLogger": "runs",
+    "flatten_config": "runs",
+    "evaluation_of": "evaluation",
+    "log_evaluation": "evaluation",
+    "update_champion": "registry",
+    "child_tags_and_name": "sweep",
+    "job_overrides": "sweep",
+    "in_sweep": "sweep",
+    "close_unfinished_parent": "sweep",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'dlilabs.tracking' has no attribute {name!r}")
+    module = importlib.import_module(f"dlilabs.tracking.{_EXPORTS[name]}")
+    return getattr(module, name)
