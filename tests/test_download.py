@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import logging
 import os
 import re
@@ -75,16 +76,17 @@ def fast_backoff(monkeypatch):
     monkeypatch.setattr(stage, "BACKOFF_S", 0.01)
 
 
-def make_cfg(tmp_path, files, mirrors=(), local=None, timeout=10, retries=2):
-    """The slice of the composed config the stage reads, with the defaults of conf/dataset."""
-    source = {"local": local, "mirrors": list(mirrors), "files": files}
+def make_cfg(tmp_path, files, mirrors=(), local=None, timeout=10, retries=2, **source):
+    """The slice of the composed config the stage reads, with the defaults of conf/dataset;
+    `source` adds keys such as search=[folders] or accept_unverified=True."""
+    source = {"local": local, "mirrors": list(mirrors), "files": files, **source}
     return OmegaConf.create(
         {
             "dataset": {
                 "name": "toy",
                 "source": {**source, "timeout": timeout, "retries": retries},
             },
-            "paths": {"raw_dir": str(tmp_path / "raw")},
+            "paths": {"raw_dir": str(tmp_path / "raw"), "downloads_dir": str(tmp_path / "dl")},
         }
     )
 
@@ -103,7 +105,7 @@ def test_single_file(server, tmp_path):
     cfg = make_cfg(tmp_path, {"mnist.npz": [sha(NPZ)]}, [{"url": server.url("/mnist.npz")}])
     assert stage.download(cfg) == {"mnist.npz": sha(NPZ)}
     assert (tmp_path / "raw" / "mnist.npz").read_bytes() == NPZ
-    assert raw_files(tmp_path) == ["mnist.npz"]
+    assert raw_files(tmp_path) == ["mnist.npz", "provenance.json"]
 
 
 def test_zip_archive_with_crlf_csvs_in_sub_folders(server, tmp_path):
@@ -112,7 +114,7 @@ def test_zip_archive_with_crlf_csvs_in_sub_folders(server, tmp_path):
     assert stage.download(cfg) == {name: hashes[0] for name, hashes in ASL_FILES.items()}
     assert (tmp_path / "raw" / "sign_mnist_train.csv").read_bytes() == TRAIN
     assert b"\r\n" in (tmp_path / "raw" / "sign_mnist_test.csv").read_bytes()
-    assert raw_files(tmp_path) == ["sign_mnist_test.csv", "sign_mnist_train.csv"]
+    assert raw_files(tmp_path) == ["provenance.json", "sign_mnist_test.csv", "sign_mnist_train.csv"]
 
 
 def test_per_file_mirror(server, tmp_path):
@@ -232,7 +234,7 @@ def test_local_zip(tmp_path):
     (tmp_path / "archive.zip").write_bytes(kaggle_zip(top_train=TRAIN[:-100]))
     cfg = make_cfg(tmp_path, ASL_FILES, local=str(tmp_path / "archive.zip"))
     assert set(stage.download(cfg)) == set(ASL_FILES)
-    assert raw_files(tmp_path) == ["sign_mnist_test.csv", "sign_mnist_train.csv"]
+    assert raw_files(tmp_path) == ["provenance.json", "sign_mnist_test.csv", "sign_mnist_train.csv"]
 
 
 @pytest.mark.parametrize("layout", ["files", "zip"])
@@ -272,6 +274,175 @@ def test_local_file_with_wrong_hash(tmp_path):
     assert raw_files(tmp_path) == []
 
 
+# --- all or nothing (issue 8) ------------------------------------------------------------
+
+
+def half_zip() -> bytes:
+    """A Kaggle-style zip that lacks the test CSV."""
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as archive:
+        archive.writestr("sign_mnist_train/sign_mnist_train.csv", TRAIN)
+    return buffer.getvalue()
+
+
+def test_local_zip_lacking_a_file_installs_nothing(tmp_path):
+    (tmp_path / "archive.zip").write_bytes(half_zip())
+    cfg = make_cfg(tmp_path, ASL_FILES, local=str(tmp_path / "archive.zip"))
+    with pytest.raises(UserError, match="no sign_mnist_test.csv there"):
+        stage.download(cfg)
+    assert raw_files(tmp_path) == []  # the good train CSV waited, and was dropped
+    assert [p.name for p in tmp_path.iterdir()] == ["archive.zip"]  # no staging left behind
+
+
+def test_mirror_zip_lacking_a_file_installs_nothing(server, tmp_path):
+    server.routes["/asl.zip"] = [(200, half_zip(), "ok")]
+    cfg = make_cfg(tmp_path, ASL_FILES, [{"url": server.url("/asl.zip"), "archive": "zip"}])
+    with pytest.raises(UserError, match="no sign_mnist_test.csv there"):
+        stage.download(cfg)
+    assert raw_files(tmp_path) == []
+
+
+# --- files the user already has: the downloads folder and other tools' caches -----------
+
+
+def provenance(tmp_path) -> dict:
+    return json.loads((tmp_path / "raw" / "provenance.json").read_text())
+
+
+@pytest.mark.parametrize("layout", ["archive.zip", "csvs"])
+def test_downloads_folder_comes_before_the_network(tmp_path, closed_url, caplog, layout):
+    downloads = tmp_path / "dl"
+    downloads.mkdir()
+    if layout == "csvs":
+        (downloads / "sign_mnist_train.csv").write_bytes(TRAIN)
+        (downloads / "sign_mnist_test.csv").write_bytes(TEST)
+    else:
+        (downloads / "archive.zip").write_bytes(kaggle_zip())
+    mirrors = [{"url": closed_url, "archive": "zip"}]  # never asked
+    cfg = make_cfg(tmp_path, ASL_FILES, mirrors, search=[str(downloads), str(tmp_path / "none")])
+    with caplog.at_level(logging.INFO, logger="dlilabs"):
+        assert set(stage.download(cfg)) == set(ASL_FILES)
+    where = {
+        "csvs": str(downloads / "sign_mnist_train.csv"),
+        "archive.zip": f"{downloads / 'archive.zip'}:sign_mnist_train.csv",
+    }[layout]
+    # One log line per file, saying where it came from; the same in provenance.json.
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("sign_mnist")]
+    assert len(lines) == 2 and f"verified (from {where})" in "\n".join(lines)
+    record = provenance(tmp_path)
+    assert record["verified"] is True
+    assert record["files"]["sign_mnist_train.csv"] == {
+        "sha256": sha(TRAIN), "source": where, "verified": True,
+    }  # fmt: skip
+
+
+def test_kagglehub_cache_layout(tmp_path, closed_url):
+    # kagglehub.dataset_download() leaves the extracted files in
+    # $KAGGLEHUB_CACHE/datasets/<owner>/<dataset>/versions/<n>/ (kagglehub 1.0 cache.py).
+    version = tmp_path / "kh/datasets/datamunge/sign-language-mnist/versions/1"
+    (version / "sign_mnist_train").mkdir(parents=True)
+    (version / "sign_mnist_test").mkdir()
+    (version / "sign_mnist_train/sign_mnist_train.csv").write_bytes(TRAIN)
+    (version / "sign_mnist_test/sign_mnist_test.csv").write_bytes(TEST)
+    cfg = compose_dataset(tmp_path, "asl", KAGGLEHUB_CACHE=str(tmp_path / "kh"))
+    cfg.dataset.source.files = ASL_FILES
+    cfg.dataset.source.mirrors = [{"url": closed_url, "archive": "zip"}]
+    assert set(stage.download(cfg)) == set(ASL_FILES)
+    assert (
+        "versions/1/sign_mnist_test/"
+        in provenance(tmp_path)["files"]["sign_mnist_test.csv"]["source"]
+    )
+
+
+def test_keras_cache(tmp_path, closed_url):
+    (tmp_path / "keras/datasets").mkdir(parents=True)
+    (tmp_path / "keras/datasets/mnist.npz").write_bytes(NPZ)
+    cfg = compose_dataset(tmp_path, "mnist", KERAS_HOME=str(tmp_path / "keras"))
+    cfg.dataset.source.files = {"mnist.npz": [sha(NPZ)]}
+    cfg.dataset.source.mirrors = [{"url": closed_url}]
+    assert stage.download(cfg) == {"mnist.npz": sha(NPZ)}
+    assert provenance(tmp_path)["files"]["mnist.npz"]["source"] == str(
+        tmp_path / "keras/datasets/mnist.npz"
+    )
+
+
+def compose_dataset(tmp_path, dataset: str, **env: str):
+    """The real composed config of `dataset` (its search folders), project at tmp_path/project,
+    raw_dir at tmp_path/raw, with `env` set while resolving."""
+    from dlilabs.config import compose
+
+    shutil.copytree(PACKAGE_ROOT / "conf", tmp_path / "project" / "conf", dirs_exist_ok=True)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("DLILABS_ROOT", str(tmp_path / "project"))
+        for name in ("DLILABS_DOWNLOADS", "KERAS_HOME", "KAGGLEHUB_CACHE"):
+            patch.delenv(name, raising=False)
+        for name, value in env.items():
+            patch.setenv(name, value)
+        cfg = compose([f"dataset={dataset}", f"paths.raw_dir={tmp_path / 'raw'}"])
+        OmegaConf.resolve(cfg)
+    return cfg
+
+
+def test_mismatching_copy_is_refused_with_the_override_named(tmp_path, closed_url):
+    downloads = tmp_path / "dl"
+    downloads.mkdir()
+    (downloads / "mnist.npz").write_bytes(b"a re-packed npz")
+    cfg = make_cfg(
+        tmp_path, {"mnist.npz": [sha(NPZ)]}, [{"url": closed_url}], search=[str(downloads)]
+    )
+    with pytest.raises(UserError) as caught:
+        stage.download(cfg)
+    message = str(caught.value)
+    assert f"refused: mnist.npz from {downloads / 'mnist.npz'}: checksum mismatch" in message
+    assert "dataset.source.accept_unverified=true" in message
+    assert "DLILABS_ACCEPT_UNVERIFIED=1 dvc repro" in message
+    assert raw_files(tmp_path) == []
+    # Ways forward: the downloads folder first.
+    assert message.split("Ways forward:\n")[1].startswith(
+        f"  1. put mnist.npz in the downloads folder {downloads}"
+    )
+
+
+def test_mismatching_copy_accepted_deliberately_is_recorded_unverified(
+    tmp_path, closed_url, caplog
+):
+    downloads = tmp_path / "dl"
+    downloads.mkdir()
+    (downloads / "mnist.npz").write_bytes(b"a re-packed npz")
+    cfg = make_cfg(
+        tmp_path, {"mnist.npz": [sha(NPZ)]}, [{"url": closed_url}], search=[str(downloads)],
+        accept_unverified="true",
+    )  # fmt: skip
+    with caplog.at_level(logging.INFO, logger="dlilabs"):
+        assert stage.download(cfg) == {"mnist.npz": sha(b"a re-packed npz")}
+    assert "UNVERIFIED" in caplog.text
+    assert provenance(tmp_path) == {
+        "verified": False,
+        "files": {"mnist.npz": {"sha256": sha(b"a re-packed npz"),
+                                "source": str(downloads / "mnist.npz"), "verified": False}},
+    }  # fmt: skip
+    # Run again: the accepted copy stays (and stays unverified); without the override it goes.
+    assert stage.download(cfg) == {"mnist.npz": sha(b"a re-packed npz")}
+    assert provenance(tmp_path)["verified"] is False
+    cfg.dataset.source.accept_unverified = False
+    (downloads / "mnist.npz").unlink()
+    with pytest.raises(UserError, match="could not get mnist.npz"):
+        stage.download(cfg)
+    assert not (tmp_path / "raw" / "mnist.npz").exists()
+
+
+def test_a_verified_copy_wins_over_a_mismatching_one(tmp_path, closed_url):
+    (tmp_path / "dl" / "old").mkdir(parents=True)
+    (tmp_path / "dl" / "mnist.npz").write_bytes(b"another mirror's copy")
+    (tmp_path / "dl" / "old" / "mnist.npz").write_bytes(NPZ)
+    cfg = make_cfg(
+        tmp_path, {"mnist.npz": [sha(NPZ)]}, [{"url": closed_url}], search=[str(tmp_path / "dl")],
+        accept_unverified=True,
+    )  # fmt: skip
+    assert stage.download(cfg) == {"mnist.npz": sha(NPZ)}
+    assert provenance(tmp_path)["verified"] is True
+
+
 # --- the real entry point ----------------------------------------------------------------
 
 
@@ -282,10 +453,14 @@ def test_entry_point_offline(tmp_path, closed_url):
         sys.executable, "-m", "dlilabs.download", "dataset=mnist",
         f"dataset.source.mirrors=[{{url:{closed_url}}}]",
     ]  # fmt: skip
-    env = {**os.environ, "DLILABS_ROOT": str(project)}
+    env = {**os.environ, "DLILABS_ROOT": str(project), "KERAS_HOME": str(tmp_path / "keras")}
+    env.pop("DLILABS_DOWNLOADS", None)
     done = subprocess.run(command, cwd=project, env=env, capture_output=True, text=True, timeout=60)
     assert done.returncode != 0
     assert closed_url in done.stderr
+    # The first way forward is the project's downloads folder.
+    assert "  1. put mnist.npz (https://" in done.stderr
+    assert f"in the downloads folder {project / 'downloads'} " in done.stderr
     assert "dataset.source.local=" in done.stderr and "make demo" in done.stderr
     assert "Traceback" not in done.stderr
     raw_dir = project / "data" / "raw" / "mnist"
