@@ -1,26 +1,97 @@
 """Entry points of the stages: `stage_main` turns a plain `task(cfg)` into a Hydra app.
 
 Top layer: it composes `conf/config.yaml` from the project the command runs in (so a DVC
-experiment folder's edited copy of `conf/` is the one used), prints a `UserError` (or a
-lost tracking server) as one `error:` line with exit code 2, and ends an unfinished sweep's
-parent run when a sweep stops early.
+experiment folder's edited copy of `conf/` is the one used), checks the config's values
+before the task runs (`dlilabs.schemas.check_config`: before any data is loaded or run is
+opened), prints a config mistake Hydra finds while composing (a value of the wrong type, an
+unknown option), a `UserError` or a lost tracking server as one `error:` line with exit
+code 2, and ends an unfinished sweep's parent run when a sweep stops early.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
+import os
+import re
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import hydra
+import hydra._internal.utils as hydra_internals
+from hydra.errors import CompactHydraException
 from omegaconf import DictConfig
+from omegaconf.errors import OmegaConfBaseException
 
 from dlilabs.config import config_dir
 from dlilabs.errors import UserError
+from dlilabs.schemas import OPTIMIZERS, check_config
 from dlilabs.tracking import close_unfinished_parent, tracking_user_error
 
 log = logging.getLogger("dlilabs")
+# Lines of Hydra's and OmegaConf's reports that say where in their own code, not what is wrong.
+NOISE = re.compile(r"\s*(object_type=|reference_type=)")
+
+
+def keras_knows(kind: str, name: str) -> bool:
+    """Whether Keras takes `name` as a loss ("loss") or as an optimizer class ("optimizer",
+    e.g. `Adam` for `adam`), without creating one (no tensor before the device is chosen)."""
+    import keras
+
+    if kind == "optimizer":
+        found = getattr(keras.optimizers, name, None)
+        return isinstance(found, type) and name.lower() in OPTIMIZERS
+    try:
+        keras.losses.get(name)
+    except (ValueError, TypeError):
+        return False
+    return True
+
+
+def config_error_line(error: CompactHydraException) -> str:
+    """Hydra's composition error (several lines, the option list tab-indented, the failing
+    value's OmegaConf error as its cause) as one line naming the key, value and what fits."""
+    text = str(error).split("\nConfig search path:")[0]
+    text = re.sub(r"\w+ raised while composing config:\s*", "", text).replace("full_key:", "key")
+    parts: list[str] = []
+    for line in text.splitlines():
+        if line.startswith("\t") and parts:  # "Available options in 'model':" then one a line
+            parts[-1] += (" " if parts[-1].endswith(":") else ", ") + line.strip()
+        elif line.strip() and not NOISE.match(line):
+            parts.append(line.strip().rstrip("."))
+    message = "; ".join(parts).replace(":;", ":")
+    if isinstance(error.__cause__, OmegaConfBaseException):
+        message += f" ({str(error.__cause__).strip().splitlines()[0]})"
+    return message
+
+
+@contextlib.contextmanager
+def one_line_config_errors() -> Iterator[None]:
+    """While Hydra composes and runs, print its config errors as one `error:` line, exit 2.
+
+    Hydra prints these itself (several lines, exit 1) from `run_and_report`, which wraps
+    composing and running; it is swapped here for one that reports them our way first.
+    $HYDRA_FULL_ERROR=1 keeps Hydra's full report, for debugging."""
+    hydra_report = hydra_internals.run_and_report
+
+    def report(func: Callable[[], object]) -> object:
+        def run() -> object:
+            try:
+                return func()
+            except CompactHydraException as error:
+                if os.environ.get("HYDRA_FULL_ERROR") == "1":
+                    raise
+                print(f"error: {config_error_line(error)}", file=sys.stderr)
+                sys.exit(2)
+
+        return hydra_report(run)
+
+    hydra_internals.run_and_report = report
+    try:
+        yield
+    finally:
+        hydra_internals.run_and_report = hydra_report
 
 
 def stage_main(task: Callable[[DictConfig], object]) -> Callable[[], None]:
@@ -29,6 +100,7 @@ def stage_main(task: Callable[[DictConfig], object]) -> Callable[[], None]:
     @functools.wraps(task)
     def guarded(cfg: DictConfig) -> object:
         try:
+            check_config(cfg, keras_knows)  # before any data is loaded or run opened
             return task(cfg)
         except UserError as error:
             # stderr, not the log: Hydra's console log goes to stdout, errors should not.
@@ -52,7 +124,8 @@ def stage_main(task: Callable[[DictConfig], object]) -> Callable[[], None]:
     @functools.wraps(task)
     def entry() -> None:
         try:
-            hydra_entry()
+            with one_line_config_errors():
+                hydra_entry()
         except BaseException as error:  # a failed job or Ctrl-C ends a sweep early
             close_unfinished_parent("KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED")
             raise

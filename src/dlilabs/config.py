@@ -1,8 +1,9 @@
 """Hydra plumbing shared by every stage: where the project is, custom resolvers, composing.
 
-Ground layer: imports nothing of dlilabs but `errors`. The entry-point wrapper the stages
-use (`stage_main`) lives in the top layer, `dlilabs.cli`, since it also handles tracking
-errors.
+Ground layer: imports nothing of dlilabs but `errors` and `schemas` (the config groups'
+structured-config schemas, registered in Hydra's ConfigStore here, beside the resolvers).
+The entry-point wrapper the stages use (`stage_main`) lives in the top layer, `dlilabs.cli`,
+since it also handles tracking errors.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
+from dlilabs import schemas
 from dlilabs.errors import UserError
 
 log = logging.getLogger("dlilabs")
@@ -72,6 +74,7 @@ def register_resolvers() -> None:
 
 
 register_resolvers()
+schemas.register()
 
 
 def config_dir() -> str:

@@ -27,18 +27,7 @@ HISTORY_COLUMNS = (
     "gap_loss",
     "gap_accuracy",
 )
-OPTIMIZERS = (
-    "sgd",
-    "rmsprop",
-    "adam",
-    "adamw",
-    "adagrad",
-    "adadelta",
-    "adamax",
-    "nadam",
-    "ftrl",
-    "lion",
-)
+from dlilabs.schemas import OPTIMIZERS  # noqa: E402 (one list, shared with the config checks)
 
 
 def make_optimizer(optimizer: str, learning_rate: float | None) -> keras.optimizers.Optimizer:
