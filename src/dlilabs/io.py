@@ -15,9 +15,22 @@ from collections.abc import Iterator
 from pathlib import Path
 
 
+def current_umask() -> int:
+    """The process's umask, read from /proc (Linux) rather than set and reset with os.umask,
+    which would briefly change it for every thread."""
+    with contextlib.suppress(OSError, ValueError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike, suffix: str | None = None) -> Iterator[Path]:
     """Yield a temporary path beside `path`; on success rename it to `path`, on error delete it.
+    The file gets the mode a new file would (0666 less the umask).
 
     `suffix` defaults to the target's own suffix, for writers that insist on one (np.savez,
     keras.Model.save)."""
@@ -30,6 +43,9 @@ def atomic_path(path: str | os.PathLike, suffix: str | None = None) -> Iterator[
     )
     os.close(handle)
     temporary = Path(temporary)
+    # mkstemp makes the file 0600; an output is a new file like any other: 0666 less the umask
+    # (0644 usually), or teammates and services could not read eval/ or data/prepared/.
+    temporary.chmod(0o666 & ~current_umask())
     try:
         yield temporary
         os.replace(temporary, target)
