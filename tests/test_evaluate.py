@@ -2,14 +2,16 @@
 
 import json
 
+import keras
 import numpy as np
 import pandas as pd
 import pytest
 from mlflow import MlflowClient
 
+from conftest import write_prepared
 from dlilabs.config import compose
 from dlilabs.errors import UserError
-from dlilabs.evaluate import class_report
+from dlilabs.evaluate import class_report, score
 from dlilabs.evaluate import run as evaluate_run
 from dlilabs.train import run as train_run
 
@@ -37,8 +39,12 @@ def test_evaluate_writes_dvc_outputs_and_logs_to_the_train_run(project, tiny_mni
     per_class = pd.read_csv(eval_dir / "class_accuracy.csv", dtype={"class": str})
     assert list(per_class["class"]) == [str(d) for d in range(10)]
     assert per_class.accuracy.between(0, 1).all()
-    # The saved model is the best epoch: its val accuracy is the history's best.
+    # The saved model is the best epoch: its val accuracy is the history's best, and its val
+    # loss the one Keras reported for that epoch (the same computation, not a clipped copy).
     assert written["val"]["accuracy"] == pytest.approx(summary["best/val/accuracy"], abs=1e-6)
+    history = pd.read_csv(project / "models" / "mnist_mlp" / "history.csv")
+    at_best = history.set_index("epoch").loc[summary["best_epoch"]]
+    assert written["val"]["loss"] == pytest.approx(at_best["val_loss"], rel=1e-5)
     confusion = pd.read_csv(eval_dir / "confusion.csv", dtype=str)
     assert list(confusion.columns) == ["actual", "predicted"] and len(confusion) == 80
     assert (confusion.actual == confusion.predicted).mean() == pytest.approx(
@@ -62,3 +68,35 @@ def test_evaluate_writes_dvc_outputs_and_logs_to_the_train_run(project, tiny_mni
 def test_evaluate_without_a_model_says_to_train_first(project, tiny_mnist):
     with pytest.raises(UserError, match=r"train@mnist_mlp"):
         evaluate_run(compose(TINY))
+
+
+def test_loss_is_keras_own_even_for_confident_mistakes():
+    """A model sure of the wrong class (softmax of logits [60, 0]): Keras' cross-entropy, from
+    the logits, is 60 per image; from probabilities clipped at 1e-7 it would be 16.1."""
+    model = keras.Sequential(
+        [keras.Input((28, 28)), keras.layers.Flatten(), keras.layers.Dense(2, activation="softmax")]
+    )
+    kernel, _ = model.layers[-1].get_weights()
+    model.layers[-1].set_weights([np.zeros_like(kernel), np.array([60.0, 0.0], np.float32)])
+    images, labels = np.zeros((8, 28, 28), np.uint8), np.ones(8, np.int64)
+    loss, accuracy, predictions = score(model, images, labels, num_classes=2)
+    assert loss == pytest.approx(60.0, rel=1e-4)
+    assert accuracy == 0.0 and predictions.tolist() == [0] * 8
+
+
+@pytest.mark.parametrize("mismatch", ["classes", "shape"])
+def test_dataset_that_does_not_fit_the_model_is_a_clear_error(project, tiny_mnist, mismatch):
+    train_run(compose(TINY))
+    if mismatch == "classes":  # the MNIST model (10 classes) on Sign Language data (24)
+        write_prepared(project / "data" / "prepared" / "asl", 48, 24, 24)
+        overrides, expected = ["dataset=asl"], "with 24 classes"
+    else:  # images of another size in place of the prepared MNIST splits
+        for split in ("train", "val"):
+            np.savez(tiny_mnist / f"{split}.npz", x=np.zeros((4, 14, 14), np.uint8), y=np.arange(4))
+        overrides, expected = [], "images of shape (14, 14)"
+    with pytest.raises(UserError) as caught:
+        evaluate_run(compose(TINY + overrides))
+    message = str(caught.value)
+    assert "model.keras" in message and "takes images of shape (28, 28)" in message
+    assert "predicts 10 classes" in message and expected in message
+    assert "dataset it was trained on" in message

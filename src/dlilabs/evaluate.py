@@ -43,22 +43,42 @@ def load_trained(model_dir: Path) -> tuple[keras.Model, dict]:
     return keras.saving.load_model(model_file, safe_mode=True), read_json(run_file)
 
 
+def check_fits(model: keras.Model, images: np.ndarray, num_classes: int, where: str) -> None:
+    """Raise UserError unless `images` (n, *shape) have the model's input shape and the model
+    outputs `num_classes` probabilities; `where` names the data and model for the message."""
+    expected, given = tuple(model.input_shape[1:]), tuple(images.shape[1:])
+    outputs = model.output_shape[-1]
+    if expected != given or outputs != num_classes:
+        raise UserError(
+            f"{where}: the model takes images of shape {expected} and predicts {outputs} "
+            f"classes, but the data holds images of shape {given} with {num_classes} classes. "
+            "Evaluate a lab on the dataset it was trained on (drop the `dataset=` override), "
+            "or train it on this one first (`python -m dlilabs.train experiment=<lab> "
+            "dataset=<dataset>`)"
+        )
+
+
 def score(
     model: keras.Model,
     images: np.ndarray,
     labels: np.ndarray,
     num_classes: int,
-    batch_size: int = 256,
+    batch_size: int = 32,
+    loss: str = "categorical_crossentropy",
 ) -> tuple[float, float, np.ndarray]:
-    """uint8 images (n, 28, 28), int labels (n,) -> (mean cross-entropy, accuracy,
-    predicted class indices (n,))."""
-    probabilities = model.predict(
-        images.astype(np.float32) / 255.0, batch_size=batch_size, verbose=0
-    )
-    one_hot = keras.utils.to_categorical(labels, num_classes)
-    loss = float(np.mean(keras.losses.categorical_crossentropy(one_hot, probabilities)))
-    predictions = probabilities.argmax(axis=1)
-    return loss, float(np.mean(predictions == labels)), predictions
+    """uint8 images (n, 28, 28), int labels (n,) -> (mean `loss`, accuracy, predicted class
+    indices (n,)).
+
+    The loss is Keras' own, as fit reports `val_loss`: model.evaluate on the input pipeline's
+    batches, where Keras computes cross-entropy from the softmax's logits. (From predicted
+    probabilities it would be clipped at 1e-7, understating confident mistakes.)"""
+    from dlilabs.data import make_dataset
+
+    batches = make_dataset(images, labels, num_classes, batch_size)
+    model.compile(loss=loss)  # only the loss is needed; the saved optimizer state is not
+    mean_loss = float(model.evaluate(batches, verbose=0, return_dict=True)["loss"])
+    predictions = model.predict(batches, verbose=0).argmax(axis=1)
+    return mean_loss, float(np.mean(predictions == labels)), predictions
 
 
 def class_report(
@@ -86,8 +106,12 @@ def evaluate_lab(cfg: DictConfig) -> dict:
         num_classes = len(class_names)
         x_train, y_train = load_split(prepared / "train.npz")
         x_val, y_val = load_split(prepared / "val.npz")
-        train_loss, train_accuracy, _ = score(model, x_train, y_train, num_classes)
-        val_loss, val_accuracy, predictions = score(model, x_val, y_val, num_classes)
+        where = f"{cfg.paths.model_dir}/model.keras on {prepared}"
+        check_fits(model, x_val, num_classes, where)
+        check_fits(model, x_train, num_classes, where)
+        scoring = {"batch_size": cfg.trainer.batch_size, "loss": cfg.trainer.loss}
+        train_loss, train_accuracy, _ = score(model, x_train, y_train, num_classes, **scoring)
+        val_loss, val_accuracy, predictions = score(model, x_val, y_val, num_classes, **scoring)
         matrix, per_class = class_report(y_val, predictions, class_names)
         metrics = {
             "train": {"loss": train_loss, "accuracy": train_accuracy},
