@@ -140,15 +140,29 @@ def fit(
 
 
 def summary_metrics(rows: list[dict[str, float]], best_epoch: int) -> dict[str, float]:
-    """Best and final of each history column, and the best epoch (1-based)."""
+    """One number per name, each saying what it is, from the history rows and the saved
+    model's epoch (1-based; 0 = the last):
+
+        best_epoch                 the epoch whose weights were saved (by trainer.monitor)
+        best/{train,val}/accuracy  the highest over all epochs
+        best/{train,val}/loss      the lowest over all epochs
+        best_epoch/<column>        every history column at best_epoch (what the saved model
+                                   scored: best_epoch/val/loss, best_epoch/gap/accuracy, ...)
+        final/<column>             every history column at the last epoch
+
+    With the default monitor (val_accuracy), best/val/accuracy = best_epoch/val/accuracy."""
     summary: dict[str, float] = {"best_epoch": float(best_epoch)}
     if not rows:
         return summary
     best_row = rows[best_epoch - 1] if best_epoch else rows[-1]
     for column in HISTORY_COLUMNS:
-        if column in rows[-1]:
-            summary[f"final/{metric_name(column)}"] = rows[-1][column]
-            summary[f"best/{metric_name(column)}"] = best_row[column]
+        if column not in rows[-1]:
+            continue
+        summary[f"final/{metric_name(column)}"] = rows[-1][column]
+        summary[f"best_epoch/{metric_name(column)}"] = best_row[column]
+        if not column.startswith("gap_"):  # a gap has no "best": smaller is not better
+            pick = max if column.endswith("accuracy") else min
+            summary[f"best/{metric_name(column)}"] = pick(row[column] for row in rows)
     return summary
 
 

@@ -1,0 +1,37 @@
+"""fitting.summary_metrics: the run's summary numbers mean what their names say."""
+
+import pytest
+
+from dlilabs.fitting import history_row, summary_metrics
+
+
+def rows() -> list[dict[str, float]]:
+    """Three epochs where the best validation accuracy (epoch 2) is not the lowest val loss
+    (epoch 3) nor the last epoch's accuracy."""
+    logs = [
+        {"loss": 0.9, "accuracy": 0.70, "val_loss": 0.50, "val_accuracy": 0.80},
+        {"loss": 0.5, "accuracy": 0.85, "val_loss": 0.45, "val_accuracy": 0.90},
+        {"loss": 0.3, "accuracy": 0.95, "val_loss": 0.40, "val_accuracy": 0.88},
+    ]
+    return [history_row(epoch, entry) for epoch, entry in enumerate(logs, 1)]
+
+
+def test_best_is_the_best_over_epochs_and_best_epoch_is_the_saved_model():
+    summary = summary_metrics(rows(), best_epoch=2)
+    assert summary["best_epoch"] == 2
+    # best/: the best value over all epochs, whichever epoch it came from.
+    assert summary["best/val/accuracy"] == 0.90
+    assert summary["best/val/loss"] == 0.40  # lowest, epoch 3
+    assert summary["best/train/accuracy"] == 0.95
+    assert summary["best/train/loss"] == 0.3
+    # best_epoch/: the saved model's epoch, every column.
+    assert summary["best_epoch/val/loss"] == 0.45
+    assert summary["best_epoch/gap/accuracy"] == pytest.approx(0.85 - 0.90)
+    # final/: the last epoch.
+    assert summary["final/val/accuracy"] == 0.88
+    assert summary["final/gap/loss"] == pytest.approx(0.40 - 0.3)
+    assert not any(name.startswith("best/gap") for name in summary)  # no "best" gap
+
+
+def test_no_epochs():
+    assert summary_metrics([], best_epoch=0) == {"best_epoch": 0.0}
