@@ -34,6 +34,9 @@ _EXPORTS = {
     "job_overrides": "sweep",
     "in_sweep": "sweep",
     "close_unfinished_parent": "sweep",
+    "find_stale": "reconcile",
+    "end_stale": "reconcile",
+    "running_runs": "reconcile",
 }
 __all__ = sorted(_EXPORTS)
 

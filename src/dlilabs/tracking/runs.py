@@ -21,11 +21,12 @@ from pathlib import Path
 import keras
 import mlflow
 import numpy as np
-from mlflow.entities import Metric
+from mlflow.entities import Metric, RunTag
 from omegaconf import DictConfig, OmegaConf
 
 from dlilabs.fitting import history_row, metric_name
 from dlilabs.io import sha256_file
+from dlilabs.tracking.reconcile import HEARTBEAT, Heartbeat, now_ms, owner_tags
 from dlilabs.tracking.store import retry_if_locked
 
 log = logging.getLogger("dlilabs.tracking")
@@ -130,7 +131,9 @@ class EpochLogger(keras.callbacks.Callback):
             # log_batch takes at most 1000 metrics per call.
             for start in range(0, len(pending), 1000):
                 batch = pending[start : start + 1000]
-                retry_if_locked(client.log_batch, run.info.run_id, metrics=batch)
+                # The owner's heartbeat goes along: a sign of life at least every epoch.
+                beat = [RunTag(HEARTBEAT, str(now_ms()))]
+                retry_if_locked(client.log_batch, run.info.run_id, metrics=batch, tags=beat)
 
 
 def _save_keras_model(path, **kwargs):
@@ -176,23 +179,28 @@ def lab_run(
 ) -> Iterator[mlflow.ActiveRun]:
     """Start (or, with `run_id`, resume) an MLflow run that always ends with a true status:
     FINISHED, FAILED when the body raises, KILLED on Ctrl-C or SIGTERM (turned into
-    KeyboardInterrupt here so `dvc` or a scheduler stopping the job is recorded too)."""
+    KeyboardInterrupt here so `dvc` or a scheduler stopping the job is recorded too).
+    A `kill -9` cannot be caught: the run records its owner process and a heartbeat while
+    it lasts, so that `reconcile` can end it later (KILLED at its last heartbeat)."""
     try:
         previous_handler = signal.signal(signal.SIGTERM, _interrupt)
     except ValueError:  # not the main thread: leave signals alone
         previous_handler = None
+    tags = {**(tags or {}), **owner_tags()}  # a resumed run changes owner
     run = mlflow.start_run(run_id=run_id, run_name=None if run_id else run_name, tags=tags)
+    heartbeat = Heartbeat(run.info.run_id).start()
+    status = "FINISHED"
     try:
         yield run
     except KeyboardInterrupt:
-        mlflow.end_run("KILLED")
+        status = "KILLED"
         raise
     except BaseException:
-        mlflow.end_run("FAILED")
+        status = "FAILED"
         raise
-    else:
-        mlflow.end_run("FINISHED")
     finally:
+        heartbeat.stop()
+        mlflow.end_run(status)
         if previous_handler is not None:
             signal.signal(signal.SIGTERM, previous_handler)
 

@@ -1,8 +1,10 @@
 """The MLflow store: connecting to it (SQLite file or tracking server) and surviving it.
 
-SQLite stores run in write-ahead-log mode and retry "database is locked"; a tracking server
-gets client HTTP settings that make a dead server fail a job in seconds, and
-`tracking_user_error` turns a lost connection deep inside MLflow into one clear line.
+SQLite stores must be writable, are set up (schema created or upgraded, experiment created)
+under a file lock so parallel jobs cannot corrupt them, run in write-ahead-log mode and
+retry "database is locked"; a tracking server gets client HTTP settings that make a dead
+server fail a job in seconds, and `tracking_user_error` turns a lost connection deep inside
+MLflow into one clear line.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import os
 import re
 import sqlite3
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 from omegaconf import DictConfig
@@ -22,6 +25,9 @@ from dlilabs.errors import UserError
 log = logging.getLogger("dlilabs.tracking")
 
 HINT = "Is it running? (make server)"
+# Seconds to wait for another process creating or upgrading the SQLite store's schema (a
+# big store's migration can take minutes; creating a new one takes seconds).
+LOCK_TIMEOUT = 600
 # requests' exceptions for a server that is gone, hung, or cut a response short.
 FAILURES = ("ConnectionError", "Timeout", "RetryError", "ChunkedEncodingError")
 # tracking.<key> -> the MLflow client's environment variable (mlflow/environment_variables.py).
@@ -34,34 +40,161 @@ HTTP_SETTINGS = {
 
 def connect(tracking_cfg: DictConfig) -> str:
     """Point MLflow at the configured store and return the experiment id (created if new,
-    with its artifacts under `tracking.artifact_location`, whatever the working directory)."""
+    with its artifacts under `tracking.artifact_location`, whatever the working directory).
+
+    A SQLite store must be writable (else a UserError naming it); its schema creation or
+    upgrade and the experiment's lookup-or-create run under a file lock beside it, so any
+    number of processes may start at once. Then runs left RUNNING by a process that is gone
+    are ended KILLED (`reconcile`; a failure there is only a warning)."""
     import mlflow
 
+    from dlilabs.tracking.reconcile import reconcile_quietly
+
     apply_client_settings(tracking_cfg)  # a dead server fails fast, not after minutes
-    database = tracking_cfg.uri.removeprefix("sqlite:///")
-    if database != tracking_cfg.uri:
-        Path(database).parent.mkdir(parents=True, exist_ok=True)
-    mlflow.set_tracking_uri(tracking_cfg.uri)
-    experiment = retry_if_locked(mlflow.get_experiment_by_name, tracking_cfg.experiment_name)
-    if database != tracking_cfg.uri:
-        use_write_ahead_log(Path(database))
-    if experiment is not None:
-        experiment_id = experiment.experiment_id
+    database = sqlite_file(tracking_cfg.uri)
+    if database is None:
+        mlflow.set_tracking_uri(tracking_cfg.uri)
+        experiment_id = experiment_id_for(tracking_cfg)
     else:
+        check_writable(database)
+        with store_lock(database):
+            upgrade_old_schema(tracking_cfg.uri, database)
+            mlflow.set_tracking_uri(tracking_cfg.uri)
+            # The first call builds the store: MLflow creates a new file's schema here.
+            experiment_id = experiment_id_for(tracking_cfg)
+            use_write_ahead_log(database)
+    mlflow.set_experiment(experiment_id=experiment_id)
+    reconcile_quietly(experiment_id, tracking_cfg.get("stale_after_minutes", 30))
+    return experiment_id
+
+
+def sqlite_file(uri: str) -> Path | None:
+    """The database file of a `sqlite:///` URI, None for any other store."""
+    return Path(uri.removeprefix("sqlite:///")) if uri.startswith("sqlite:///") else None
+
+
+def check_writable(database: Path) -> None:
+    """Raise a UserError unless this process may write the SQLite store `database` and
+    create files in its folder (the lock, SQLite's -wal and -shm files)."""
+    fix = "or use another store (DLILABS_STORE_DIR=<folder> or MLFLOW_TRACKING_URI)"
+    folder = database.parent
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise UserError(
+            f"cannot create the MLflow store's folder {folder}: {error.strerror}; {fix}"
+        ) from None
+    if database.exists() and not os.access(database, os.R_OK | os.W_OK):
+        raise UserError(
+            f"the MLflow store {database} is read-only for this user: make it writable "
+            f"(chmod u+w {database}), {fix}"
+        )
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise UserError(
+            f"the MLflow store's folder {folder} is not writable for this user (SQLite keeps "
+            f"its lock and journal files beside {database.name}): make it writable, {fix}"
+        )
+
+
+@contextlib.contextmanager
+def store_lock(database: Path) -> Iterator[None]:
+    """Hold `<database>.lock` (an OS file lock: released even if the holder is killed)."""
+    from filelock import FileLock, Timeout
+
+    lock = FileLock(f"{database}.lock")
+    try:
+        try:
+            lock.acquire(timeout=2)
+        except Timeout:
+            log.info("waiting for another process to set up the MLflow store %s", database)
+            lock.acquire(timeout=LOCK_TIMEOUT)
+    except Timeout:
+        raise UserError(
+            f"waited {LOCK_TIMEOUT} s for {lock.lock_file}: another process holds the MLflow "
+            "store's lock (creating or upgrading it?); try again when it is done"
+        ) from None
+    except PermissionError as error:
+        raise UserError(f"cannot create {lock.lock_file}: {error.strerror}") from None
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+def schema_revision(database: Path) -> str | None:
+    """The Alembic revision of an MLflow SQLite store's schema, None for a new or empty file."""
+    if not database.is_file() or database.stat().st_size == 0:
+        return None
+    with contextlib.closing(sqlite3.connect(database, timeout=30)) as connection:
+        try:
+            row = connection.execute("select version_num from alembic_version").fetchone()
+        except sqlite3.OperationalError:  # no such table: not set up yet
+            return None
+    return row[0] if row else None
+
+
+def upgrade_old_schema(uri: str, database: Path) -> None:
+    """Bring a store made by an older MLflow to this MLflow's schema (what `mlflow db
+    upgrade` does), after copying it to `<database>.before-<revision>`. Call it under
+    `store_lock`: Alembic's SQLite migrations are not safe to run twice at once. A store
+    from a newer MLflow (a revision unknown here) is left for MLflow to refuse."""
+    from alembic.script import ScriptDirectory
+    from alembic.util import CommandError
+    from mlflow.store.db import utils
+
+    revision = schema_revision(database)
+    if revision is None:
+        return
+    scripts = ScriptDirectory.from_config(utils._get_alembic_config(""))
+    if revision == scripts.get_current_head():
+        return
+    try:
+        scripts.get_revision(revision)
+    except CommandError:
+        return
+    backup = database.with_name(f"{database.name}.before-{revision}")
+    log.warning(
+        "MLflow store %s has an older schema (%s): upgrading it (copy kept in %s)",
+        database,
+        revision,
+        backup,
+    )
+    with (
+        contextlib.closing(sqlite3.connect(database, timeout=30)) as source,
+        contextlib.closing(sqlite3.connect(backup)) as copy,
+    ):
+        source.backup(copy)
+    engine = utils.create_sqlalchemy_engine_with_retry(uri)
+    try:
+        utils._upgrade_db(engine)
+    finally:
+        engine.dispose()
+
+
+def experiment_id_for(tracking_cfg: DictConfig) -> str:
+    """Id of the experiment `tracking.experiment_name`, created if missing. Safe against a
+    parallel job creating it first (the SQLite lock prevents that; a server's store says the
+    name exists, and we look it up again)."""
+    import mlflow
+
+    name = tracking_cfg.experiment_name
+    experiment = retry_if_locked(mlflow.get_experiment_by_name, name)
+    if experiment is None:
         location = tracking_cfg.artifact_location
         if location and "://" not in location:
             location = Path(location).resolve().as_uri()
         try:
-            experiment_id = mlflow.create_experiment(
-                tracking_cfg.experiment_name, artifact_location=location
-            )
-        except mlflow.exceptions.MlflowException:
-            # A parallel job created it between our lookup and now.
-            experiment_id = mlflow.get_experiment_by_name(
-                tracking_cfg.experiment_name
-            ).experiment_id
-    mlflow.set_experiment(experiment_id=experiment_id)
-    return experiment_id
+            return retry_if_locked(mlflow.create_experiment, name, artifact_location=location)
+        except mlflow.exceptions.MlflowException as error:
+            if error.error_code != "RESOURCE_ALREADY_EXISTS":
+                raise
+            experiment = mlflow.get_experiment_by_name(name)
+    if experiment.lifecycle_stage == "deleted":
+        raise UserError(
+            f"the MLflow experiment {name!r} is deleted: restore it (mlflow experiments "
+            "restore) or log elsewhere (tracking.experiment_name=<name>)"
+        )
+    return experiment.experiment_id
 
 
 def use_write_ahead_log(database: Path) -> None:

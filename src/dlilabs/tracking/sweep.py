@@ -98,9 +98,11 @@ class MlflowSweepCallback(Callback):
         import mlflow
         from mlflow.entities import Param
 
+        from dlilabs.tracking.reconcile import Heartbeat, owner_tags
         from dlilabs.tracking.store import connect
 
-        # Connecting here creates the store's schema once, before parallel jobs race to.
+        # Connecting sets up the store (under its lock) and ends runs left RUNNING by
+        # processes that are gone, before the sweep's jobs start.
         experiment_id = connect(config.tracking)
         overrides = list(config.hydra.overrides.task)
         run = mlflow.MlflowClient().create_run(
@@ -111,8 +113,10 @@ class MlflowSweepCallback(Callback):
                 "lab": str(config.lab),
                 "demo": str(config.demo).lower(),
                 "sweep.dir": str(config.hydra.sweep.dir),
+                **owner_tags(),  # this process: reconcile ends the parent if it dies
             },
         )
+        Heartbeat(run.info.run_id).start()  # stops by itself once the parent has ended
         mlflow.MlflowClient().log_batch(
             run.info.run_id,
             params=[
