@@ -3,10 +3,14 @@ on learnable synthetic images, registered in a real SQLite store, champion alias
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
+import struct
 import subprocess
 import sys
+import zipfile
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -135,7 +139,7 @@ def test_bad_inputs_and_models_are_clear_errors(project, tmp_path, capsys):
     cases = [
         (["asl_mlp", tmp_path / "missing.jpg"], "missing.jpg: no such file"),
         (["asl_mlp", not_an_image], "notes.png: not a readable image"),
-        (["asl_mlp", bad_csv], "pixels.csv: expected the 784 columns pixel1..pixel784"),
+        (["asl_mlp", bad_csv], "pixels.csv header row: expected the 784 columns pixel1..pixel784"),
         (["asl_mpl", good], "no model 'asl_mpl'"),
         (["models:/asl_mlp@best", good], "cannot load models:/asl_mlp@best"),
         ([tmp_path / "notes.png", good], "not a Keras model file"),
@@ -156,3 +160,88 @@ def test_command_line_exits_non_zero_without_a_traceback(project, tmp_path):
     )
     assert result.returncode == 2
     assert "hand.jpg: no such file" in result.stderr and "Traceback" not in result.stderr
+
+
+def kaggle_csv(path: Path, images: np.ndarray, labels: list[int], header: list[str]) -> Path:
+    """Write images (n, 28, 28) as a Kaggle-layout CSV whose columns are named `header`
+    (label first, then the pixels in the order the header names them)."""
+    pixels = [int(name.removeprefix("pixel")) - 1 for name in header[1:]]
+    rows = [
+        ",".join(map(str, [label, *image.ravel()[pixels]]))
+        for label, image in zip(labels, images, strict=True)
+    ]
+    path.write_text("\n".join([",".join(header), *rows]) + "\n")
+    return path
+
+
+def test_csv_columns_are_read_by_name_with_the_preprocess_schema(tmp_path, capsys):
+    images, labels = make_images(4, 24, seed=5)
+    raw = [RAW_LABELS[label] for label in labels]
+    names = [f"pixel{i}" for i in range(1, 785)]
+    kaggle = kaggle_csv(tmp_path / "kaggle.csv", images, raw, ["label", *names])
+    flipped = kaggle_csv(tmp_path / "flipped.csv", images, raw, ["label", *names[::-1]])
+    code, straight, _ = predict(capsys, "asl_mlp", kaggle)
+    assert code == 0
+    code, reversed_lines, _ = predict(capsys, "asl_mlp", flipped)
+    assert code == 0
+    assert [line["top"] for line in reversed_lines] == [line["top"] for line in straight]
+    repeated = tmp_path / "repeated.csv"
+    repeated.write_text(kaggle.read_text().replace("pixel3,", "pixel2,", 1))
+    code, _, err = predict(capsys, "asl_mlp", repeated)
+    assert code == 2 and "missing pixel3; repeated pixel2" in err, err
+
+
+def bomb_png(path: Path, width: int, height: int) -> Path:
+    """A real PNG whose header claims width x height grey pixels; Pillow reads the header,
+    and refuses the size, before it would decode any data."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        body = kind + data
+        return struct.pack(">I", len(data)) + body + struct.pack(">I", zlib.crc32(body))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    idat = zlib.compress(b"\0" * (width + 1))  # one scanline: enough for the header to parse
+    path.write_bytes(
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", idat) + chunk(b"IEND", b"")
+    )
+    return path
+
+
+@pytest.mark.parametrize(("width", "height"), [(20000, 20000), (10000, 10000)])
+def test_an_image_over_the_decompression_bomb_limit_is_an_error(tmp_path, capsys, width, height):
+    """Pillow raises above twice its limit (20000^2) and only warns between (10000^2)."""
+    image = bomb_png(tmp_path / "huge.png", width, height)
+    code, _, err = predict(capsys, "asl_mlp", image)
+    assert code == 2
+    assert err.startswith("error: ") and "huge.png: too large to open safely" in err, err
+    assert f"({width * height} pixels)" in err and len(err.strip().splitlines()) == 1
+
+
+def test_a_model_file_with_an_unknown_class_is_one_line(project, tmp_path, capsys):
+    """A .keras file whose config names a layer class this Keras lacks (a custom layer)."""
+    source = project / "models" / "asl_mlp" / "model.keras"
+    with zipfile.ZipFile(source) as archive:
+        files = {name: archive.read(name) for name in archive.namelist()}
+    config = json.loads(files["config.json"])
+    flatten = next(
+        layer for layer in config["config"]["layers"] if layer["class_name"] == "Flatten"
+    )
+    flatten.update(class_name="FancyFlatten", module="mylab.layers")
+    files["config.json"] = json.dumps(config).encode()
+    custom = tmp_path / "custom.keras"
+    with zipfile.ZipFile(custom, "w") as archive:
+        for name, data in files.items():
+            archive.writestr(name, data)
+    code, _, err = predict(capsys, custom, sign_image(tmp_path, "a", "a.png"))
+    assert code == 2
+    assert "custom.keras: holds the class 'FancyFlatten', which this Keras" in err, err
+    assert len(err.strip().splitlines()) == 1 and "config" not in err
+
+
+@pytest.mark.parametrize("top_k", ["0", "-2", "two"])
+def test_top_k_must_be_a_positive_whole_number(tmp_path, capsys, top_k):
+    with pytest.raises(SystemExit) as exit_:
+        main(["asl_mlp", str(sign_image(tmp_path, "a", "a.png")), "--top-k", top_k])
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err
+    assert "argument --top-k:" in err and top_k in err and "Traceback" not in err

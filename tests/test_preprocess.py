@@ -308,3 +308,126 @@ def test_entry_point_bad_csv_exits_cleanly(project):
     assert "sign_mnist_train.csv row 3, column pixel5" in result.stderr
     assert "Traceback" not in result.stderr
     assert_nothing_written(project)
+
+
+# ---------------------------------------------------------------- one column schema, no misreads
+
+
+def reorder_header(grid, header):
+    return [header, *grid[1:]]
+
+
+def test_columns_are_read_by_name_not_position(project):
+    """A header in another order (pixel784 first) is read by name: the images come out as in
+    Kaggle's order, not rotated 180 degrees."""
+    grid = asl_grid(ASL_LABELS[:6])
+    write_asl(project, grid)
+    preprocess.run(compose(["dataset=asl"]))
+    expected, _ = load(prepared(project) / "train.npz")
+    # The same cells, columns written last pixel first: each value under its own name.
+    flipped = [[row[0], *row[:0:-1]] for row in grid]
+    assert flipped[0][1] == "pixel784"
+    write_asl(project, flipped, val=grid)
+    preprocess.run(compose(["dataset=asl"]))
+    x, _ = load(prepared(project) / "train.npz")
+    np.testing.assert_array_equal(x, expected)
+
+
+HEADER_FAULTS = {
+    "repeated column": (
+        lambda header: ["label", *header[1:4], "pixel2", *header[5:]],
+        ["header row", "missing pixel4", "repeated pixel2"],
+    ),
+    "unknown column": (
+        lambda header: [*header, "pixel785"],
+        ["header row", "found 785 besides 'label'", "unknown pixel785"],
+    ),
+    "misspelt column": (
+        lambda header: [*header[:10], "pixle10", *header[11:]],
+        ["missing pixel10", "unknown pixle10"],
+    ),
+}
+
+
+@pytest.mark.parametrize("fault, expected", HEADER_FAULTS.values(), ids=HEADER_FAULTS.keys())
+def test_header_faults_name_the_columns(project, fault, expected):
+    grid = asl_grid(ASL_LABELS[:4])
+    header = fault(list(grid[0]))
+    rows = [row + ["0"] * (len(header) - len(row)) for row in grid[1:]]
+    write_asl(project, [header, *rows], val=grid)
+    with pytest.raises(UserError) as error:
+        preprocess.run(compose(["dataset=asl"]))
+    for text in expected:
+        assert text in str(error.value), str(error.value)
+    assert_nothing_written(project)
+
+
+@pytest.mark.parametrize("engine", ["c", "pyarrow"])
+@pytest.mark.parametrize("cell", ["NaN", "nan", "NA"])
+def test_a_nan_cell_is_named_as_not_a_number_not_as_empty(tmp_path, engine, cell):
+    grid = set_cell(cell, column=7)([list(row) for row in asl_grid(ASL_LABELS[:5])])
+    path = write_csv(tmp_path / "sign_mnist_train.csv", grid)
+    with pytest.raises(UserError) as error:
+        rawdata.read_kaggle_csv(path, ASL_LABELS, engine=engine)
+    assert f"row 3, column pixel7: '{cell}' is not a number" in str(error.value)
+    # an empty cell is still called empty
+    grid[3][7] = ""
+    write_csv(path, grid)
+    with pytest.raises(UserError, match="row 3, column pixel7: the cell is empty"):
+        rawdata.read_kaggle_csv(path, ASL_LABELS, engine=engine)
+
+
+def mnist_arrays(train_rows: int = 6) -> dict[str, np.ndarray]:
+    x = np.zeros((train_rows, 28, 28), dtype=np.uint8)
+    y = np.arange(train_rows) % 10
+    return {"x_train": x, "y_train": y, "x_test": x[:2], "y_test": y[:2]}
+
+
+NPZ_FAULTS = {
+    "0-byte file": (None, "mnist.npz: not a readable .npz archive of arrays (the file is empty)"),
+    "0 rows": (mnist_arrays(0), "mnist.npz: x_train has no images (0 rows)"),
+    "text pixels": (
+        {**mnist_arrays(), "x_train": np.full((6, 28, 28), "7")},
+        "mnist.npz: x_train holds <U1 values, not numbers",
+    ),
+    "text labels": (
+        {**mnist_arrays(), "y_train": np.array(list("012345"))},
+        "mnist.npz: y_train holds <U1 values, not numbers",
+    ),
+    "NaN pixel": (
+        {**mnist_arrays(), "x_train": np.where(np.eye(28) > 0, np.nan, 1.0)[None].repeat(6, 0)},
+        "mnist.npz x_train row 1, column pixel1: NaN is not a number",
+    ),
+}
+
+
+@pytest.mark.parametrize("arrays, expected", NPZ_FAULTS.values(), ids=NPZ_FAULTS.keys())
+def test_bad_npz_is_a_clear_error_and_writes_nothing(project, arrays, expected):
+    raw = project / "data/raw/mnist"
+    raw.mkdir(parents=True)
+    if arrays is None:
+        (raw / "mnist.npz").write_bytes(b"")
+    else:
+        np.savez(raw / "mnist.npz", **arrays)
+    with pytest.raises(UserError) as error:
+        preprocess.run(compose(["dataset=mnist"]))
+    assert expected in str(error.value)
+    assert_nothing_written(project, "mnist")
+
+
+def test_entry_point_empty_npz_exits_cleanly(project):
+    raw = project / "data/raw/mnist"
+    raw.mkdir(parents=True)
+    (raw / "mnist.npz").write_bytes(b"")
+    env = {**os.environ, "DLILABS_ROOT": str(project)}
+    result = subprocess.run(
+        [sys.executable, "-m", "dlilabs.preprocess", "dataset=mnist"],
+        cwd=project,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 2, result.stderr
+    assert "mnist.npz: not a readable .npz archive" in result.stderr
+    assert "Traceback" not in result.stderr

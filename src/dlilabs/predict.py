@@ -16,7 +16,9 @@ as letters for ASL models; for CSV rows with a label, the actual class too.
 from __future__ import annotations
 
 import argparse
+import re
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -33,10 +35,20 @@ def load_image(path: Path) -> np.ndarray:
     """An image file of any size and mode -> float32 (28, 28) in [0, 1]: grayscale, resized
     with Keras' `load_img` as the course does (nearest neighbour), divided by 255."""
     import keras
-    from PIL import UnidentifiedImageError
+    from PIL import Image, UnidentifiedImageError
 
     try:
-        image = keras.utils.load_img(path, color_mode="grayscale", target_size=IMAGE_SIZE)
+        with warnings.catch_warnings():
+            # Pillow only warns between its pixel limit and twice it: refuse those too.
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = keras.utils.load_img(path, color_mode="grayscale", target_size=IMAGE_SIZE)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
+        size = re.search(r"\(\d+ pixels\)", str(error))
+        raise UserError(
+            f"{path}: too large to open safely {size.group(0) if size else ''}: over Pillow's "
+            f"limit of {Image.MAX_IMAGE_PIXELS} pixels against decompression bombs; "
+            "shrink the image first"
+        ) from None
     except (UnidentifiedImageError, OSError, ValueError) as error:
         raise UserError(
             f"{path}: not a readable image ({type(error).__name__}); give {FORMATS}"
@@ -47,16 +59,11 @@ def load_image(path: Path) -> np.ndarray:
 def load_csv(path: Path) -> tuple[np.ndarray, np.ndarray | None]:
     """A Kaggle-layout CSV -> float32 images (n, 28, 28) in [0, 1] and the raw `label`
     column (n,) if there is one. Bad cells are UserErrors naming the row and column."""
-    from dlilabs.rawdata import PIXELS, frame_values, pixel_names, read_csv, to_images
+    from dlilabs.rawdata import frame_values, kaggle_columns, pixel_names, read_csv, to_images
 
     frame = read_csv(path, header=True)
+    kaggle_columns(frame.columns, path.name, label_required=False)  # the preprocess schema
     columns = pixel_names()
-    missing = [name for name in columns if name not in frame.columns]
-    if missing:
-        raise UserError(
-            f"{path}: expected the {PIXELS} columns pixel1..pixel{PIXELS} of "
-            f"Kaggle's layout, {len(missing)} missing (e.g. {missing[0]})"
-        )
     if frame.empty:
         raise UserError(f"{path}: no data rows")
     images = to_images(frame_values(frame[columns], path.name), path.name, columns)
@@ -92,10 +99,29 @@ def tracking_uri(uri: str | None) -> str:
     return compose().tracking.uri
 
 
-def load_model(spec: str, root: Path, uri: str):
-    """MODEL (see the module doc) -> (Keras model, dataset name or None, description)."""
+def load_keras_file(path: Path):
+    """A .keras file -> the Keras model; a file that is not one, or that holds a layer or
+    function this Keras does not know (saved by other code, or a newer Keras), is a UserError
+    of one line (Keras' own message carries the whole model config)."""
     import keras
 
+    try:
+        return keras.saving.load_model(path, safe_mode=True)
+    except TypeError as error:
+        unknown = re.search(r"Could not (?:locate|deserialize) (\w+) '([^']+)'", str(error))
+        what = f"the {unknown.group(1)} {unknown.group(2)!r}" if unknown else "a layer or class"
+        raise UserError(
+            f"{path}: holds {what}, which this Keras ({keras.__version__}) does not know: it "
+            "was saved by other code (a custom layer) or a newer Keras; load it where that "
+            "code is, or retrain it here"
+        ) from None
+    except (ValueError, OSError) as error:
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else ""
+        raise UserError(f"{path}: not a Keras model file ({first_line[:200]})") from None
+
+
+def load_model(spec: str, root: Path, uri: str):
+    """MODEL (see the module doc) -> (Keras model, dataset name or None, description)."""
     from dlilabs.tracking import registry
 
     if spec.startswith(("models:/", "runs:/")):
@@ -106,10 +132,7 @@ def load_model(spec: str, root: Path, uri: str):
     if path.is_dir() and (path / "model.keras").is_file():
         path = path / "model.keras"
     if path.is_file():
-        try:
-            return keras.saving.load_model(path, safe_mode=True), None, str(path)
-        except (ValueError, OSError) as error:
-            raise UserError(f"{path}: not a Keras model file ({error})") from None
+        return load_keras_file(path), None, str(path)
     known = registry.store_exists(uri) and "/" not in spec
     version = registry.latest_version(spec, uri) if known else None
     if version is not None:
@@ -117,7 +140,7 @@ def load_model(spec: str, root: Path, uri: str):
         return registry.load_keras_model(model_uri, uri) + (model_uri,)
     local = root / "models" / spec / "model.keras"
     if local.is_file():
-        return keras.saving.load_model(local, safe_mode=True), None, str(local)
+        return load_keras_file(local), None, str(local)
     raise UserError(
         f"no model {spec!r}: not a file, not a registered model in {uri} and no "
         f"{local.relative_to(root)} in {root}. Train it first (`dvc repro "
@@ -159,6 +182,17 @@ def classify(model, images: np.ndarray) -> np.ndarray:
     return np.asarray(model.predict(images.reshape(-1, *shape), verbose=0))
 
 
+def positive_int(text: str) -> int:
+    """argparse type: a whole number >= 1 (else argparse's one-line usage error, exit 2)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not >= 1: show at least one class")
+    return value
+
+
 def main(argv: list[str] | None = None) -> int:
     """Parse the command line, classify every input, print one line each."""
     parser = argparse.ArgumentParser(
@@ -170,7 +204,7 @@ def main(argv: list[str] | None = None) -> int:
         "models:/<name>/<version>, or a path to model.keras",
     )
     parser.add_argument("inputs", nargs="+", type=Path, help="image files or Kaggle-layout CSVs")
-    parser.add_argument("--top-k", type=int, default=3, help="classes to show (default 3)")
+    parser.add_argument("--top-k", type=positive_int, default=3, help="classes to show (default 3)")
     parser.add_argument(
         "--dataset",
         help="conf/dataset name for the class names (default: "

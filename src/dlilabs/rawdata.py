@@ -24,6 +24,7 @@ Split = tuple[np.ndarray, np.ndarray]  # x uint8 (n, h, w), y int64 (n,)
 KERAS_KEYS = ("x_train", "y_train", "x_test", "y_test")
 IMAGE_SHAPE = (28, 28)  # every dataset here: 784 pixel columns
 PIXELS = IMAGE_SHAPE[0] * IMAGE_SHAPE[1]
+PIXEL_SET = frozenset(f"pixel{i}" for i in range(1, PIXELS + 1))
 
 
 class DataError(UserError):
@@ -87,9 +88,10 @@ def frame_values(frame: pd.DataFrame, source: str) -> np.ndarray:
     if all(pd.api.types.is_integer_dtype(dtype) for dtype in frame.dtypes):
         return frame.to_numpy(dtype=np.int64)
     columns = list(frame.columns)
+    # read_csv counts only an empty cell as missing: "NaN", "NA", "null" stay text, named below.
     _raise_first(frame.isna().to_numpy(), source, columns, lambda r, c: "the cell is empty")
     numbers = frame.apply(pd.to_numeric, errors="coerce").to_numpy(np.float64, na_value=np.nan)
-    # No cell is empty any more, so NaN here means text that is not a number.
+    # No cell is empty any more, so NaN here means text that is not a number (or says "NaN").
     _raise_first(
         np.isnan(numbers), source, columns, lambda r, c: f"{frame.iat[r, c]!r} is not a number"
     )
@@ -103,8 +105,11 @@ def to_images(pixels: np.ndarray, source: str, columns: Sequence | None = None) 
     def check(mask: np.ndarray, problem: Callable) -> None:
         _raise_first(mask, source, columns, problem)
 
+    if pixels.dtype.kind not in "biuf":
+        raise DataError(f"{source}: the pixels are {pixels.dtype} values, not numbers 0-255")
     if pixels.dtype.kind == "f":
-        check(np.isnan(pixels), lambda r, c: "the cell is empty")
+        # (a CSV's empty cells are caught earlier, by frame_values: this is an array's NaN)
+        check(np.isnan(pixels), lambda r, c: "NaN is not a number (pixels are integers 0-255)")
         check(
             pixels != np.floor(pixels),
             lambda r, c: (
@@ -139,16 +144,67 @@ def encode_labels(raw: np.ndarray, raw_labels: Sequence[int], source: str) -> np
     return order[position].astype(np.int64)
 
 
+def _some(names: Sequence[str], shown: int = 5) -> str:
+    """A list of column names for a message: the first few, and how many in all."""
+    names = list(names)
+    more = f", ... ({len(names)} in all)" if len(names) > shown else ""
+    return ", ".join(names[:shown]) + more
+
+
+def kaggle_columns(columns: Sequence, source: str, label_required: bool = True) -> list[str]:
+    """Check a CSV header against Kaggle's layout, by name: `label` (optional when not
+    `label_required`: predict's unlabelled rows) and pixel1..pixel784, each once, in any
+    order, nothing else. Returns the columns to read, in image order: ["label" if present,
+    "pixel1", ..., "pixel784"]. Reading by name is what keeps a header in another order from
+    turning every image (pixel784 first: rotated 180 degrees)."""
+    names = [str(column) for column in columns]
+    pixels, present = pixel_names(), set(names)
+    if label_required and "label" not in present:
+        raise DataError(
+            f"{source} header row: no 'label' column (it starts {', '.join(names[:3])}, ...); "
+            "expected Kaggle's layout label,pixel1..pixel784"
+        )
+    repeated, unknown = [], []
+    for name in names:
+        if name == "label" or name in PIXEL_SET:
+            continue
+        base, dot, count = name.rpartition(".")
+        # pandas renames a repeated column X to X.1, X.2, ...
+        if dot and count.isdigit() and base in present:
+            repeated.append(base)
+        else:
+            unknown.append(name)
+    problems = [
+        f"{what} {_some(found)}"
+        for what, found in (
+            ("missing", [name for name in pixels if name not in present]),
+            ("repeated", list(dict.fromkeys(repeated))),
+            ("unknown", unknown),
+        )
+        if found
+    ]
+    if problems:
+        found = len(names) - ("label" in present)
+        raise DataError(
+            f"{source} header row: expected the {PIXELS} columns pixel1..pixel{PIXELS} of "
+            f"Kaggle's layout, each once, and 'label'; found {found} besides 'label': "
+            + "; ".join(problems)
+        )
+    return ["label", *pixels] if "label" in present else pixels
+
+
 def split_frame(frame: pd.DataFrame, source: str, raw_labels: Sequence[int]) -> Split:
-    """Check a frame of a `label` column and 784 pixel columns: x (n, 28, 28), y (n,)."""
+    """Check a frame of a `label` column and the 784 pixel columns (checked by
+    `kaggle_columns`, in any order): x (n, 28, 28), y (n,)."""
     if frame.empty:
         raise DataError(f"{source}: no data rows")
+    order = ["label", *pixel_names()]
+    if list(frame.columns) != order:  # Kaggle's order needs no copy
+        frame = frame[order]
     values = frame_values(frame, source)
-    index = frame.columns.get_loc("label")
-    # Kaggle's label comes first: slice (a view) rather than copy 172 MB with np.delete.
-    pixels = values[:, 1:] if index == 0 else np.delete(values, index, axis=1)
-    y = encode_labels(values[:, index], raw_labels, source)
-    x = to_images(pixels, source, [c for c in frame.columns if c != "label"])
+    y = encode_labels(values[:, 0], raw_labels, source)
+    # A slice (a view), not a copy of 172 MB.
+    x = to_images(values[:, 1:], source, order[1:])
     return x, y
 
 
@@ -156,13 +212,24 @@ def read_csv(path: str | Path, *, header: bool, engine: str | None = None) -> pd
     """Parse a CSV (CRLF or LF line endings, optionally .gz) into a DataFrame."""
     engine = engine or csv_engine()
     try:
-        return pd.read_csv(path, header=0 if header else None, engine=engine)
+        # Only an empty cell is missing: "NaN", "NA", "null" stay text the checks then name.
+        frame = pd.read_csv(
+            path,
+            header=0 if header else None,
+            engine=engine,
+            keep_default_na=False,
+            na_values=[""],
+        )
     except (ValueError, OSError) as error:  # ParserError, EmptyDataError, BadGzipFile, ...
         if engine != "c":
             # pyarrow's parse errors quote the row but not its number; the C engine reports
             # the line, or reads short rows as empty cells that the checks then locate.
             return read_csv(path, header=header, engine="c")
         raise DataError(f"{Path(path).name}{_parse_problem(error, header)}") from None
+    if engine != "c" and frame.isna().to_numpy().any():
+        # pyarrow reads a "NaN" cell as a float, like an empty one: the C engine tells them apart.
+        return read_csv(path, header=header, engine="c")
+    return frame
 
 
 def _parse_problem(error: Exception, header: bool) -> str:
@@ -186,13 +253,7 @@ def read_kaggle_csv(
     """Read a Kaggle CSV (header `label,pixel1..pixel784`): x uint8 (n, 28, 28), y int64 (n,)."""
     source = Path(path).name
     frame = read_csv(path, header=True, engine=engine)
-    if "label" not in frame.columns:
-        start = ", ".join(map(str, frame.columns[:3]))
-        raise DataError(
-            f"{source} header row: no 'label' column (it starts {start}, ...); "
-            "expected Kaggle's layout label,pixel1..pixel784"
-        )
-    _check_width(frame.shape[1] - 1, f"{source} header row", "besides 'label'")
+    kaggle_columns(frame.columns, source)
     return split_frame(frame, source, raw_labels)
 
 
@@ -232,9 +293,10 @@ def read_keras_npz(path: str | Path, raw_labels: Sequence[int]) -> dict[str, Spl
     try:
         with np.load(path, allow_pickle=False) as archive:
             arrays = {key: archive[key] for key in KERAS_KEYS if key in archive.files}
-    except (OSError, ValueError, AttributeError, zipfile.BadZipFile):
+    except (OSError, ValueError, AttributeError, EOFError, zipfile.BadZipFile):
         # (numpy's own message for a non-archive suggests allow_pickle: not advice to relay)
-        raise DataError(f"{source}: not a readable .npz archive of arrays") from None
+        empty = " (the file is empty)" if Path(path).stat().st_size == 0 else ""
+        raise DataError(f"{source}: not a readable .npz archive of arrays{empty}") from None
     missing = [key for key in KERAS_KEYS if key not in arrays]
     if missing:
         raise DataError(
@@ -249,6 +311,11 @@ def read_keras_npz(path: str | Path, raw_labels: Sequence[int]) -> dict[str, Spl
                 f"{source}: x_{part} {x.shape} and y_{part} {y.shape} are not (n, 28, 28) "
                 "images and (n,) labels"
             )
+        for name, array in ((f"x_{part}", x), (f"y_{part}", y)):
+            if array.dtype.kind not in "biuf":
+                raise DataError(f"{source}: {name} holds {array.dtype} values, not numbers")
+        if not len(x):
+            raise DataError(f"{source}: x_{part} has no images (0 rows)")
         images = to_images(x.reshape(len(x), -1), f"{source} x_{part}")
         splits[split] = images, encode_labels(y, raw_labels, f"{source} y_{part}")
     return splits
