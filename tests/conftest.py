@@ -115,10 +115,14 @@ def server():
 @pytest.fixture(scope="session")
 def demo_pipeline(tmp_path_factory) -> Path:
     """A git repo after the real `dvc repro` of the demo pipeline (bundled MNIST rows, one
-    epoch per lab), its MLflow store inside (experiment dlilabs-demo). Shared: it takes minutes."""
+    epoch per lab), its MLflow store inside (experiment dlilabs-demo). Shared: it takes minutes.
+    Every lab of params.yaml, each run named after its lab (story=False: the pipeline's
+    mechanics; tests/test_demo.py runs the demo's story itself)."""
     from dlilabs.demo import dvc, make_workspace
 
-    workspace = make_workspace(REPO, tmp_path_factory.mktemp("demo") / "repo", epochs=1, git=True)
+    workspace = make_workspace(
+        REPO, tmp_path_factory.mktemp("demo") / "repo", epochs=1, git=True, story=False
+    )
     with pytest.MonkeyPatch.context() as patch:
         # An earlier test's mlflow.set_tracking_uri may still be exported: the stages would
         # obey it over DLILABS_STORE_DIR.

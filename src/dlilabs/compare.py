@@ -49,6 +49,8 @@ def comparison_table(runs: list, order: list[str], all_runs: bool = False) -> pd
         lab = tags.get("lab", run.info.run_name)
         model, augment = params.get("model.name", "?"), params.get("augment.name", "?")
         kind = model.upper() + ("" if augment == "none" else f" + {augment} augmentation")
+        if tags.get("data"):  # runs that say their data (profile=demo: data=mnist_5k)
+            kind += f"\non {tags['data']}"
         rows.append(
             {
                 "label": f"{lab}\n{kind}" + (f"\n{run.info.run_id[:8]}" if all_runs else ""),

