@@ -13,10 +13,12 @@ from dlilabs.errors import UserError
 
 
 def test_no_gpu_falls_back_to_cpu_and_says_so(caplog):
-    with caplog.at_level("WARNING"):
+    with caplog.at_level("INFO", logger="dlilabs"):
         used = select_device("gpu", gpus=[])
     assert used["device"] == "cpu"
-    assert "no GPU visible, training on the CPU" in caplog.text
+    assert [r.getMessage() for r in caplog.records] == [
+        "Device: CPU (no GPU visible; trainer.require_gpu=true would stop here)"
+    ]
 
 
 def test_required_gpu_missing_explains_how_to_run_on_cpu():

@@ -41,7 +41,8 @@ def select_device(
                 "that the CUDA build is installed (pip install -e '.[gpu]'), or run on the CPU "
                 "with `trainer.require_gpu=false` (or `trainer.device=cpu`)."
             )
-        log.warning("Device: no GPU visible, training on the CPU (asked for trainer.device=gpu)")
+        # The usual case on a laptop, so information, not a warning; require_gpu makes it one.
+        log.info("Device: CPU (no GPU visible; trainer.require_gpu=true would stop here)")
         return {"device": "cpu", "device_name": "cpu", "gpu_count": "0", "precision": "float32"}
     if memory_growth:
         for gpu in gpus:
