@@ -24,6 +24,7 @@ from mlflow.exceptions import MlflowException
 from conftest import stage_env, write_prepared
 from dlilabs.config import compose
 from dlilabs.errors import UserError
+from dlilabs.tracking import postgres as pg
 from dlilabs.tracking import server, store
 
 TINY = ["experiment=mnist_mlp", "model.hidden_units=[32]", "tracking=server"]
@@ -46,7 +47,7 @@ class Stack:
     def start(self) -> None:
         """Start (or restart, same port and database) the MLflow server; wait for /health."""
         self.process = server.start_mlflow(
-            self.postgres.dsn,
+            self.postgres,
             self.folder / "artifacts",
             self.port,
             log_file=self.folder / "mlflow.log",
@@ -264,3 +265,158 @@ def test_jobs_fail_fast_when_the_server_dies_and_nothing_logged_is_lost(stack, p
         assert after[run.info.run_id]["metrics"]["gap/accuracy"]
         # The server was gone when the job tried to mark its run FAILED, so it stays RUNNING.
         assert after[run.info.run_id]["status"] in ("RUNNING", "FAILED")
+
+
+def psql_as_nobody(postgres: server.Postgres, user: str, sql: str, password=None, host=None):
+    """Run one statement with psql as the OS user `nobody` (anyone else with a shell on this
+    host) against the cluster, as database role `user`; returns the CompletedProcess."""
+    env = {"PATH": "/usr/bin:/bin", "HOME": "/nonexistent", "PGCONNECT_TIMEOUT": "10"}
+    if password is not None:
+        env["PGPASSWORD"] = password
+    target = f"host={host or '127.0.0.1'} port={postgres.port} user={user} dbname={pg.DATABASE}"
+    command = [pg.postgres_bin("psql"), "-w", "-X", "-At", target, "-c", sql]
+    return subprocess.run(
+        command, user="nobody", env=env, cwd="/", capture_output=True, text=True, timeout=60
+    )
+
+
+@pytest.mark.slow
+def test_the_database_refuses_other_users_without_the_password(stack):
+    postgres = stack.postgres
+    role_password = pg.password(postgres.passfile)
+    super_password = pg.password(stack.folder / pg.SUPERUSER_FILE)
+    for user, password, expected in [
+        (pg.ROLE, None, "no password supplied"),
+        (pg.SUPERUSER, None, "no password supplied"),
+        (pg.ROLE, "wrong-password", 'password authentication failed for user "mlflow"'),
+        (pg.SUPERUSER, role_password, 'password authentication failed for user "postgres"'),
+    ]:
+        refused = psql_as_nobody(postgres, user, "SELECT 1", password)
+        assert refused.returncode == 2 and expected in refused.stderr, (user, refused.stderr)
+    # The socket sits in the cluster folder, which only the cluster's owner may enter.
+    socket_try = psql_as_nobody(
+        postgres, pg.SUPERUSER, "SELECT 1", super_password, host=str(postgres.cluster)
+    )
+    assert socket_try.returncode == 2 and "Permission denied" in socket_try.stderr
+
+    # The passwords are the right ones: the superuser's is one, MLflow's role is not one.
+    who = "SELECT rolsuper, rolcreatedb, rolcreaterole FROM pg_roles WHERE rolname = current_user"
+    assert psql_as_nobody(postgres, pg.SUPERUSER, who, super_password).stdout == "t|t|t\n"
+    assert psql_as_nobody(postgres, pg.ROLE, who, role_password).stdout == "f|f|f\n"
+    copy = psql_as_nobody(postgres, pg.ROLE, "COPY (SELECT 1) TO PROGRAM 'true'", role_password)
+    assert copy.returncode == 1
+    assert "must be superuser or have privileges of the pg_execute_server_program" in copy.stderr
+    owner = "SELECT pg_get_userbyid(datdba) FROM pg_database WHERE datname = current_database()"
+    assert psql_as_nobody(postgres, pg.ROLE, owner, role_password).stdout == "mlflow\n"
+
+
+@pytest.mark.slow
+def test_passwords_are_in_private_files_and_on_no_command_line(stack):
+    files = [stack.folder / pg.SUPERUSER_FILE, stack.postgres.passfile]
+    assert [path.stat().st_mode & 0o777 for path in files] == [0o600, 0o600]
+    # initdb, run as the cluster's user, reads the superuser's; MLflow, run as us, its role's.
+    assert files[0].stat().st_uid == (stack.postgres.cluster / "PG_VERSION").stat().st_uid
+    assert files[1].stat().st_uid == os.getuid()
+    line = files[1].read_text().strip().split(":")  # libpq's format, for PGPASSFILE
+    assert line[:4] == ["127.0.0.1", "*", "mlflow", "mlflow"] and len(line[4]) >= 30
+    hba = (stack.postgres.cluster / "pg_hba.conf").read_text().splitlines()
+    methods = {row.split()[-1] for row in hba if row.strip() and not row.startswith("#")}
+    assert methods == {"scram-sha-256"}
+    assert "@" not in stack.postgres.dsn.split("@")[0]  # no user:password@ in the URI
+    everything = subprocess.run(["ps", "-eww", "-o", "args"], capture_output=True, text=True)
+    assert f"--backend-store-uri {stack.postgres.dsn}" in everything.stdout
+    for path in files:
+        assert pg.password(path) not in everything.stdout
+
+
+def make_old_cluster(folder: Path) -> str:
+    """What dlilabs.server made before it was locked down: `initdb -A trust`, the superuser
+    `mlflow` owning MLflow's tables. Returns the id of a FINISHED run logged to it."""
+    cluster = folder / "postgres"
+    cluster.mkdir(mode=0o700)
+    run_as = pg._run_as(cluster)
+    options = ["-U", "mlflow", "-A", "trust", "-E", "UTF8", "--locale=C"]
+    initdb = [pg.postgres_bin("initdb"), "-D", str(cluster), *options]
+    subprocess.run(initdb, check=True, capture_output=True, **run_as)
+    port = server.free_port()
+    process = pg._launch(cluster, port, "127.0.0.1", run_as)
+    try:
+        params = dict(host="127.0.0.1", port=port, user="mlflow", dbname="postgres")
+        pg._connect(process, cluster, 60, **params).cursor().execute("CREATE DATABASE mlflow")
+        client = MlflowClient(f"postgresql+psycopg2://mlflow@127.0.0.1:{port}/mlflow")
+        run = client.create_run(client.create_experiment("old"))
+        client.log_metric(run.info.run_id, "loss", 1.0, step=1)
+        client.set_terminated(run.info.run_id)
+        return run.info.run_id
+    finally:
+        pg.end(process, signal.SIGINT)
+
+
+@pytest.mark.slow
+def test_a_cluster_from_the_old_server_is_secured_and_keeps_its_runs(monkeypatch):
+    folder = Path(tempfile.mkdtemp(prefix="dlilabs-old-server-"))
+    folder.chmod(0o755)
+    try:
+        run_id = make_old_cluster(folder)
+        postgres = server.start_postgres(folder)
+        try:
+            hba = (postgres.cluster / "pg_hba.conf").read_text()
+            assert "trust" not in hba.replace("#", " ").split()
+            assert psql_as_nobody(postgres, "mlflow", "SELECT 1").returncode == 2
+            who = "SELECT rolsuper FROM pg_roles WHERE rolname = current_user"
+            role_password = pg.password(postgres.passfile)
+            assert psql_as_nobody(postgres, "mlflow", who, role_password).stdout == "f\n"
+            # MLflow's role owns the old tables: it reads the old run and writes to it.
+            monkeypatch.setenv("PGPASSFILE", str(postgres.passfile))
+            client = MlflowClient(postgres.dsn)
+            assert client.get_run(run_id).info.status == "FINISHED"
+            client.log_metric(run_id, "loss", 0.5, step=2)
+            steps = [m.step for m in client.get_metric_history(run_id, "loss")]
+            assert steps == [1, 2]
+        finally:
+            server.stop(postgres=postgres)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+@pytest.mark.slow
+def test_mlflow_login_refuses_anonymous_requests_and_takes_env_credentials(
+    stack, project, monkeypatch
+):
+    port = server.free_port()
+    log_file = stack.folder / "mlflow-auth.log"
+    process = server.start_mlflow(
+        stack.postgres, stack.folder / "artifacts", port, log_file=log_file, auth=True
+    )
+    uri = f"http://127.0.0.1:{port}"
+    try:
+        files = [stack.folder / name for name in server.AUTH_FILES.values()]
+        assert [path.stat().st_mode & 0o777 for path in files] == [0o600] * len(files)
+        admin_password = pg.password(stack.folder / server.AUTH_FILES["admin"])
+        search = f"{uri}/api/2.0/mlflow/experiments/search?max_results=1"
+        assert requests.get(search, timeout=30).status_code == 401
+        assert requests.get(search, auth=("admin", "wrong-password"), timeout=30).status_code == 401
+        assert requests.get(search, auth=("admin", admin_password), timeout=30).status_code == 200
+
+        write_prepared(project / "data" / "prepared" / "mnist", 64, 32, 10)
+        job = [*TINY, "trainer.epochs=1", "tracking.experiment_name=login"]
+        command = [sys.executable, "-m", "dlilabs.train", *job]
+        credentials = dict(
+            MLFLOW_TRACKING_USERNAME="admin", MLFLOW_TRACKING_PASSWORD=admin_password
+        )
+        env = stage_env(project, MLFLOW_TRACKING_URI=uri, **credentials)
+        done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr
+        for name, value in credentials.items():
+            monkeypatch.setenv(name, value)
+        client = MlflowClient(uri)
+        (run,) = client.search_runs([client.get_experiment_by_name("login").experiment_id])
+        assert run.info.status == "FINISHED" and "val/accuracy" in run.data.metrics
+
+        # Without them, MLflow's client is turned away too.
+        for name in credentials:
+            monkeypatch.delenv(name)
+        with pytest.raises(MlflowException, match="error code 401"):
+            MlflowClient(uri).get_experiment_by_name("login")
+    finally:
+        server.stop(process)

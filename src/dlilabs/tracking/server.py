@@ -1,11 +1,15 @@
-"""Team tracking server: a throwaway PostgreSQL cluster and an MLflow server in one folder.
+"""Team tracking server: a locked-down PostgreSQL cluster and an MLflow server in one folder.
 
-`python -m dlilabs.server [--port 5001] [--data-dir build/server]` (or `make server`) starts
-Debian's PostgreSQL on 127.0.0.1 and a unix socket inside `<data-dir>/postgres`, then
-`mlflow server` with that database as its backend store and `<data-dir>/artifacts` as the
-artifact store it proxies, and stops both on Ctrl-C or SIGTERM. Runs log to it with
-`tracking=server` (conf/tracking/server.yaml). The folder survives restarts: the next start
-reuses the cluster, so runs and artifacts stay together.
+`python -m dlilabs.server [--port 5001] [--data-dir build/server] [--auth]` (or `make server`)
+starts PostgreSQL (`dlilabs.tracking.postgres`: passwords for everyone, 127.0.0.1 and a socket
+in `<data-dir>/postgres` only), then `mlflow server` with that database as its backend store
+and `<data-dir>/artifacts` as the artifact store it proxies, and stops both on Ctrl-C or
+SIGTERM. Runs log to it with `tracking=server` (conf/tracking/server.yaml). The folder
+survives restarts: the next start reuses the cluster, so runs and artifacts stay together.
+
+`--auth` puts MLflow's own login in front (`--app-name basic-auth`): its config, user store,
+admin password and session key are 0600 files in the data dir (AUTH_FILES); clients send
+MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD.
 
 The client side (fail fast when the server is gone, one clear line when it is) is in
 `dlilabs.tracking.store`.
@@ -14,55 +18,40 @@ The client side (fail fast when the server is gone, one clear line when it is) i
 from __future__ import annotations
 
 import argparse
+import configparser
 import contextlib
 import os
-import pwd
-import shutil
 import signal
 import socket
 import subprocess
 import sys
 import time
 import urllib.request
-from dataclasses import dataclass
 from pathlib import Path
 
 from dlilabs.errors import UserError
+from dlilabs.tracking.postgres import (
+    SUPERUSER_FILE,
+    Postgres,
+    end,
+    free_port,
+    password,
+    private_file,
+    start_postgres,
+    tail,
+)
 
-DB_USER = DB_NAME = "mlflow"
-INSTALL_HINT = "apt-get install -y postgresql (.ci/run does it)"
-
-
-@dataclass
-class Postgres:
-    """A running cluster: the postmaster process, its folder, port and SQLAlchemy DSN."""
-
-    process: subprocess.Popen
-    cluster: Path
-    port: int
-    dsn: str
-
-
-def _version(program: Path) -> int:
-    """The major version in /usr/lib/postgresql/<version>/bin/<program>."""
-    return int(program.parts[-3]) if program.parts[-3].isdigit() else 0
-
-
-def postgres_bin(name: str) -> str:
-    """Path of a PostgreSQL program, from the newest /usr/lib/postgresql/<version>/bin
-    (Debian keeps initdb and postgres off the PATH), else the PATH (Homebrew, other distros)."""
-    found = sorted(Path("/usr/lib/postgresql").glob(f"*/bin/{name}"), key=_version)
-    program = str(found[-1]) if found else shutil.which(name)
-    if program is None:
-        raise UserError(f"PostgreSQL's {name} is missing; install it: {INSTALL_HINT}")
-    return program
-
-
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
+__all__ = ["Postgres", "free_port", "start_postgres", "start_mlflow", "stop", "main"]
+ADMIN = "admin"
+AUTH_FILES = {
+    "config": "mlflow-auth.ini",  # MLflow's basic_auth.ini (MLFLOW_AUTH_CONFIG_PATH)
+    "users": "mlflow-auth.db",  # its users and permissions (SQLite)
+    "admin": "mlflow-admin.password",  # the first password of user `admin`
+    "key": "mlflow-auth.key",  # signs its CSRF tokens (MLFLOW_FLASK_SERVER_SECRET_KEY)
+}
+# Every user may log runs to any experiment and register models (a team shares `dlilabs`);
+# only admins manage users. Edit default_permission in mlflow-auth.ini to change it.
+DEFAULT_PERMISSION = "EDIT"
 
 
 def check_port_free(port: int) -> None:
@@ -79,93 +68,14 @@ def check_port_free(port: int) -> None:
             ) from error
 
 
-def _run_as(cluster: Path) -> dict:
-    """Popen arguments that drop root: PostgreSQL refuses to run as root. As root, the cluster
-    belongs to the `postgres` user (Debian's package creates it), else to `nobody`."""
-    if os.geteuid() != 0:
-        return {}
-    for name in ("postgres", "nobody"):
-        with contextlib.suppress(KeyError):
-            user = pwd.getpwnam(name)
-            break
-    else:
-        raise UserError("no `postgres` or `nobody` user to run PostgreSQL as")
-    for folder in cluster.parents:  # that user must be able to walk down to the cluster
-        if folder.stat().st_uid != user.pw_uid and not folder.stat().st_mode & 0o001:
-            raise UserError(
-                f"PostgreSQL runs as user {user.pw_name!r}, which cannot enter "
-                f"{folder}; pick a --data-dir it can reach (e.g. under /tmp)"
-            )
-    os.chown(cluster, user.pw_uid, user.pw_gid)
-    env = {**os.environ, "HOME": user.pw_dir, "USER": user.pw_name}
-    # cwd: the postgres user may not be allowed into ours, and initdb looks it up.
-    return dict(user=user.pw_uid, group=user.pw_gid, extra_groups=[], cwd=cluster, env=env)
-
-
-def _tail(path: Path, lines: int = 15) -> str:
-    """The end of a log file, for error messages."""
-    with contextlib.suppress(OSError):
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
-    return ""
-
-
-def start_postgres(data_dir: str | os.PathLike, port: int | None = None, timeout=60) -> Postgres:
-    """Start (initialising on first use) the cluster in `<data_dir>/postgres`, listening on
-    127.0.0.1:`port` (default: a free one) and a socket in that folder; create the database.
-    Authentication is `trust`: the MLflow server in front of it has no login either."""
-    import psycopg2
-
-    cluster = Path(data_dir).resolve() / "postgres"
-    cluster.mkdir(parents=True, exist_ok=True)
-    cluster.chmod(0o700)  # PostgreSQL insists
-    run_as = _run_as(cluster)
-    log_file = cluster.parent / "postgres.log"
-    if not (cluster / "PG_VERSION").exists():  # else reuse it: runs outlive the server
-        options = ["-U", DB_USER, "-A", "trust", "-E", "UTF8", "--locale=C"]
-        initdb = [postgres_bin("initdb"), "-D", str(cluster), *options]
-        done = subprocess.run(initdb, capture_output=True, text=True, **run_as)
-        if done.returncode:
-            raise UserError(f"initdb failed in {cluster}:\n{done.stderr.strip()}")
-    port = port or free_port()
-    options = ["-c", "listen_addresses=127.0.0.1", "-c", f"unix_socket_directories={cluster}"]
-    command = [postgres_bin("postgres"), "-D", str(cluster), "-p", str(port), *options]
-    # Its own session: a Ctrl-C in the terminal reaches only us, and we stop MLflow first.
-    # A second postmaster on the folder, or a taken port, fails with the reason in the log.
-    with open(log_file, "ab") as log:
-        process = subprocess.Popen(
-            command, stdout=log, stderr=log, start_new_session=True, **run_as
-        )
-    dsn = f"postgresql+psycopg2://{DB_USER}@127.0.0.1:{port}/{DB_NAME}"
-    handle = Postgres(process, cluster, port, dsn)
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            connection = psycopg2.connect(
-                host="127.0.0.1", port=port, user=DB_USER, dbname="postgres", connect_timeout=5
-            )
-            break
-        except psycopg2.OperationalError:
-            if process.poll() is not None or time.monotonic() > deadline:
-                stop(postgres=handle)
-                raise UserError(f"PostgreSQL did not start:\n{_tail(log_file)}") from None
-            time.sleep(0.2)
-    with contextlib.closing(connection):
-        connection.autocommit = True  # CREATE DATABASE cannot run in a transaction
-        with connection.cursor() as cursor:
-            cursor.execute("SELECT 1 FROM pg_database WHERE datname = %s", (DB_NAME,))
-            if cursor.fetchone() is None:
-                cursor.execute(f"CREATE DATABASE {DB_NAME}")
-    return handle
-
-
 def wait_healthy(url: str, process: subprocess.Popen, log_file: Path | None, timeout=120) -> None:
     """Wait until `url`/health answers OK; fail if `process` exits or `timeout` passes.
     (The first start creates the schema, which takes several seconds.)"""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process.poll() is not None:
-            tail = _tail(log_file) if log_file else ""
-            raise UserError(f"the MLflow server exited ({process.returncode}):\n{tail}")
+            log = tail(log_file) if log_file else ""
+            raise UserError(f"the MLflow server exited ({process.returncode}):\n{log}")
         with contextlib.suppress(OSError):
             if urllib.request.urlopen(f"{url}/health", timeout=5).status == 200:
                 return
@@ -173,9 +83,39 @@ def wait_healthy(url: str, process: subprocess.Popen, log_file: Path | None, tim
     raise UserError(f"the MLflow server at {url} did not answer /health in {timeout:.0f} s")
 
 
-def start_mlflow(dsn: str, artifacts, port: int, workers=1, log_file: Path | None = None):
-    """Start `mlflow server` on 127.0.0.1:`port` over the database `dsn`, storing artifacts in
-    `artifacts` (a folder or an s3://... URI) and serving them to clients; wait for /health.
+def auth_env(data_dir: Path) -> dict[str, str]:
+    """The environment that turns MLflow's basic-auth app on with every file in `data_dir`
+    (AUTH_FILES, 0600): a config pointing at the user store, the admin's first password
+    (generated; MLflow ignores it once the admin exists) and the key of its CSRF tokens."""
+    config, users = data_dir / AUTH_FILES["config"], data_dir / AUTH_FILES["users"]
+    permission = DEFAULT_PERMISSION
+    if config.exists():  # keep what the team chose
+        kept = configparser.ConfigParser()
+        kept.read(config)
+        permission = kept.get("mlflow", "default_permission", fallback=permission)
+    if not users.exists():  # SQLite keeps an empty file's mode, and gives it to its journals
+        private_file(users, "")
+    text = f"[mlflow]\ndefault_permission = {permission}\ndatabase_uri = sqlite:///{users}\n"
+    private_file(config, text + f"admin_username = {ADMIN}\n")
+    return {
+        "MLFLOW_AUTH_CONFIG_PATH": str(config),
+        "MLFLOW_AUTH_ADMIN_PASSWORD": password(data_dir / AUTH_FILES["admin"]),
+        "MLFLOW_FLASK_SERVER_SECRET_KEY": password(data_dir / AUTH_FILES["key"]),
+    }
+
+
+def start_mlflow(
+    postgres: Postgres,
+    artifacts,
+    port: int,
+    workers=1,
+    log_file: Path | None = None,
+    auth: bool = False,
+):
+    """Start `mlflow server` on 127.0.0.1:`port` over `postgres`'s database, storing artifacts
+    in `artifacts` (a folder or an s3://... URI) and serving them to clients; with `auth`,
+    behind MLflow's login (files beside the cluster); wait for /health.
+    The database password reaches it through PGPASSFILE, not its command line (`ps` shows it).
     It runs in its own process group: `stop` (or a test's os.killpg) reaches its workers.
     One worker by default: it serves requests from a thread pool, and with more, uvicorn's
     supervisor restarts any worker a busy machine keeps from answering its 5 s health ping."""
@@ -183,11 +123,16 @@ def start_mlflow(dsn: str, artifacts, port: int, workers=1, log_file: Path | Non
     if "://" not in str(artifacts):
         Path(artifacts).mkdir(parents=True, exist_ok=True)
         artifacts = Path(artifacts).resolve()
-    command = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", dsn]
+    command = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", postgres.dsn]
     command += ["--artifacts-destination", str(artifacts), "--serve-artifacts"]
     command += ["--host", "127.0.0.1", "--port", str(port), "--workers", str(workers)]
+    env = {**os.environ, "PGPASSFILE": str(postgres.passfile)}
+    env.pop("PGPASSWORD", None)  # would win over the file
+    if auth:
+        command += ["--app-name", "basic-auth"]
+        env.update(auth_env(postgres.cluster.parent))
     with open(log_file or os.devnull, "ab") as log:
-        process = subprocess.Popen(command, stdout=log, stderr=log, start_new_session=True)
+        process = subprocess.Popen(command, stdout=log, stderr=log, start_new_session=True, env=env)
     try:
         wait_healthy(f"http://127.0.0.1:{port}", process, log_file)
     except BaseException:
@@ -196,31 +141,13 @@ def start_mlflow(dsn: str, artifacts, port: int, workers=1, log_file: Path | Non
     return process
 
 
-def _end(process: subprocess.Popen, sig: int, group: bool, timeout: float) -> None:
-    """Send `sig` (to the whole group if `group`), wait, and SIGKILL what is left."""
-
-    def send(signum: int) -> None:
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(process.pid, signum) if group else process.send_signal(signum)
-
-    if process.poll() is None:
-        send(sig)
-        try:
-            process.wait(timeout)
-        except subprocess.TimeoutExpired:
-            send(signal.SIGKILL)
-            process.wait(10)
-    if group:  # the leader may be gone while its workers still hold the port
-        send(signal.SIGKILL)
-
-
 def stop(mlflow: subprocess.Popen | None = None, postgres: Postgres | None = None, timeout=30):
     """Stop the MLflow server (SIGTERM to its group), then PostgreSQL (SIGINT: a fast but
     clean shutdown; SIGTERM would wait for every client to leave)."""
     if mlflow is not None:
-        _end(mlflow, signal.SIGTERM, group=True, timeout=timeout)
+        end(mlflow, signal.SIGTERM, group=True, timeout=timeout)
     if postgres is not None:
-        _end(postgres.process, signal.SIGINT, group=False, timeout=timeout)
+        end(postgres.process, signal.SIGINT, timeout=timeout)
 
 
 def _interrupt(signum, frame):
@@ -238,6 +165,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--artifacts", help="default <data-dir>/artifacts; or s3://bucket/path")
     parser.add_argument("--pg-port", type=int, default=None, help="default: a free port")
     parser.add_argument("--workers", type=int, default=1, help="MLflow server processes")
+    parser.add_argument(
+        "--auth", action="store_true", help="MLflow's login (user admin, password in the data dir)"
+    )
     args = parser.parse_args(argv)
     signal.signal(signal.SIGTERM, _interrupt)  # stop cleanly under kill, systemd, SLURM too
     data_dir = args.data_dir.resolve()
@@ -246,15 +176,15 @@ def main(argv: list[str] | None = None) -> int:
     try:
         postgres = start_postgres(data_dir, args.pg_port)
         print(f"PostgreSQL on 127.0.0.1:{postgres.port} (log: {data_dir / 'postgres.log'})")
-        process = start_mlflow(
-            postgres.dsn,
-            args.artifacts or data_dir / "artifacts",
-            args.port,
-            args.workers,
-            log_file,
-        )
+        print(f"  passwords: {postgres.passfile} (MLflow's role), {data_dir / SUPERUSER_FILE}")
+        artifacts = args.artifacts or data_dir / "artifacts"
+        process = start_mlflow(postgres, artifacts, args.port, args.workers, log_file, args.auth)
         print(f"MLflow tracking server on {uri} (log: {log_file})", flush=True)
         print(f"Log to it with `tracking=server`, or: export MLFLOW_TRACKING_URI={uri}", flush=True)
+        if args.auth:
+            admin = data_dir / AUTH_FILES["admin"]
+            print(f"Login: user {ADMIN}, first password in {admin}; clients export", flush=True)
+            print(f"  MLFLOW_TRACKING_USERNAME={ADMIN} MLFLOW_TRACKING_PASSWORD=$(cat {admin})")
         print("Ctrl-C stops it.", flush=True)
         process.wait()
         raise UserError(f"the MLflow server exited ({process.returncode}); see {log_file}")
