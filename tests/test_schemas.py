@@ -91,6 +91,23 @@ def test_hydra_checks_types_against_the_schemas(override, key):
     assert "\n" not in line
 
 
+def test_unknown_options_and_keys_are_one_line_too():
+    for override, expected in (
+        ("model=foo", "Could not find 'model/foo'; Available options in 'model': cnn, linear, mlp"),
+        ("trainer.epoch=3", "Could not override 'trainer.epoch'"),
+    ):
+        with pytest.raises(ConfigCompositionException) as caught:
+            compose([override])
+        line = config_error_line(caught.value)
+        assert expected in line and "\n" not in line and "search path" not in line, line
+
+
+def test_a_sparse_loss_is_refused_however_it_is_spelt():
+    """The labels are one-hot: a sparse loss would fail deep inside Keras, after data loads."""
+    with pytest.raises(UserError, match="one-hot"):
+        check_config(compose(["trainer.loss=SparseCategoricalCrossentropy"]), keras_knows)
+
+
 def test_keras_knows_every_name_the_lists_offer():
     """The lists are what the error messages offer: each must work in Keras as spelled."""
     import keras

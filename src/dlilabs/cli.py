@@ -62,7 +62,10 @@ def config_error_line(error: CompactHydraException) -> str:
             parts.append(line.strip().rstrip("."))
     message = "; ".join(parts).replace(":;", ":")
     if isinstance(error.__cause__, OmegaConfBaseException):
-        message += f" ({str(error.__cause__).strip().splitlines()[0]})"
+        detail = str(error.__cause__).strip().splitlines()[0]
+        # "Error merging override trainer.epochs=abc" + "Value 'abc' ... to Integer"
+        override = message.removeprefix("Error merging override ")
+        message = f"{override}: {detail}" if override != message else f"{message} ({detail})"
     return message
 
 

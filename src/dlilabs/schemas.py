@@ -208,7 +208,7 @@ def check_trainer(
         name = trainer[kind]
         if name not in names and not (keras_knows and keras_knows(kind, name)):
             _one_of(f"trainer.{kind}", name, names, f"Keras has no {kind} of that name: ")
-    if task == "classification" and trainer.loss == "sparse_categorical_crossentropy":
+    if task == "classification" and trainer.loss.lower().startswith("sparse"):
         _refuse(
             "trainer.loss",
             trainer.loss,
