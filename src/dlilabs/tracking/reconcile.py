@@ -78,6 +78,9 @@ class Heartbeat:
         self._thread.start()
         return self
 
+    def is_alive(self) -> bool:
+        return self._thread.is_alive()
+
     def stop(self) -> None:
         self._stop.set()
         if self._thread.is_alive() and self._thread is not threading.current_thread():
