@@ -55,8 +55,8 @@ ui: install ## MLflow UI over the project's store on http://127.0.0.1:5000 (PORT
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db \
 		--default-artifact-root $(CURDIR)/mlartifacts --host 127.0.0.1 --port $(or $(PORT),5000)
 
-server: install ## Team tracking server: PostgreSQL + MLflow on http://127.0.0.1:5001 (PORT=5001)
-	$(PY) -m dlilabs.server --port $(or $(PORT),5001) --data-dir $(CURDIR)/build/server
+server: install ## Team tracking server: PostgreSQL + MLflow on http://127.0.0.1:5001 (PORT=5001, AUTH=1: login)
+	$(PY) -m dlilabs.server --port $(or $(PORT),5001) --data-dir $(CURDIR)/build/server $(if $(AUTH),--auth)
 
 compare: install ## Labs side by side: build/reports/comparison.{png,md} (ARGS="--experiment dlilabs-demo")
 	$(PY) -m dlilabs.compare $(ARGS)

@@ -178,13 +178,15 @@ def _connect(process: subprocess.Popen, cluster: Path, timeout: float, **params)
             connection.autocommit = True  # CREATE DATABASE cannot run in a transaction
             return connection
         except psycopg2.OperationalError as error:
-            if "password authentication failed" in str(error):
+            refused = "password authentication failed" in str(error)
+            if refused or process.poll() is not None or time.monotonic() > deadline:
+                end(process, signal.SIGINT)
+            if refused:  # PostgreSQL keeps only a hash: the file is the only copy
                 raise UserError(
-                    f"PostgreSQL refused {params['user']!r}'s password from "
-                    f"{cluster.parent / SUPERUSER_FILE}; was the file replaced?"
+                    f"PostgreSQL refused the password of {params['user']!r} in "
+                    f"{cluster.parent / SUPERUSER_FILE}; put back the file it was made with"
                 ) from None
             if process.poll() is not None or time.monotonic() > deadline:
-                end(process, signal.SIGINT)
                 log = tail(cluster.parent / "postgres.log")
                 raise UserError(f"PostgreSQL did not start:\n{log}") from None
             time.sleep(0.2)
