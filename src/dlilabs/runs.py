@@ -89,9 +89,10 @@ def main(argv: list[str] | None = None) -> int:
         client = client_for(args.tracking_uri)
         experiment = client.get_experiment_by_name(args.experiment)
         if experiment is None:
+            names = ", ".join(e.name for e in client.search_experiments()) or "none"
             raise UserError(
-                f"no experiment {args.experiment!r} in the MLflow store {args.tracking_uri}: "
-                "pass --experiment"
+                f"no experiment {args.experiment!r} in the MLflow store {args.tracking_uri} "
+                f"(experiments there: {names}): pass --experiment"
             )
         running = running_runs(client, experiment.experiment_id)
         stale = find_stale(client, experiment.experiment_id, args.stale_after * 60, running)
@@ -100,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     where = f"experiment {args.experiment!r} ({args.tracking_uri})"
     if not stale:
-        print(f"No stale runs in {where}: {len(running)} RUNNING, each with a live owner or a recent heartbeat.")
+        print(f"No stale runs in {where}: {len(running)} RUNNING, all with a live owner.")
         return 0
     print(f"{len(stale)} stale of {len(running)} RUNNING runs in {where}:\n{table(stale)}")
     if args.action == "reconcile":
