@@ -185,3 +185,32 @@ def owner_start_of_this_process() -> float:
         if line.startswith("btime")
     )
     return boot + ticks / os.sysconf("SC_CLK_TCK")
+
+
+def test_a_run_whose_owner_is_a_zombie_is_ended(project):
+    """A killed process its parent has not reaped yet (a zombie) owns nothing any more."""
+    import psutil
+
+    tracking = compose().tracking
+    client = MlflowClient(tracking.uri)
+    experiment_id = connect(tracking)
+    owner = subprocess.Popen(["sleep", "600"])
+    try:
+        tags = {
+            "owner.host": socket.gethostname(),
+            "owner.pid": str(owner.pid),
+            "owner.start_time": f"{psutil.Process(owner.pid).create_time():.2f}",
+        }
+        run_id = client.create_run(experiment_id, tags=tags).info.run_id
+        connect(tracking)
+        assert client.get_run(run_id).info.status == "RUNNING", "its owner is alive"
+
+        owner.send_signal(signal.SIGKILL)
+        while psutil.Process(owner.pid).status() != psutil.STATUS_ZOMBIE:
+            time.sleep(0.01)
+        connect(tracking)
+
+        assert client.get_run(run_id).info.status == "KILLED"
+    finally:
+        owner.kill()
+        owner.wait()

@@ -51,6 +51,27 @@ def process_start_time(pid: int) -> float | None:
         return None
 
 
+def gone(pid: int, recorded_start: str | None) -> str | None:
+    """Why the process `pid` (of this host) that started at `recorded_start` (epoch seconds,
+    as tagged) is gone, or None while it lives or we cannot tell."""
+    try:
+        process = psutil.Process(pid)
+        if process.status() == psutil.STATUS_ZOMBIE:  # dead, not yet reaped by its parent
+            return f"process {pid} is gone"
+        started = process.create_time()
+    except psutil.NoSuchProcess:
+        return f"process {pid} is gone"
+    except psutil.AccessDenied:  # another user's process (macOS): it exists
+        return None
+    try:
+        recorded = float(recorded_start)
+    except (TypeError, ValueError):
+        return None  # alive, and no start time to tell a reused pid apart: leave it
+    if abs(started - recorded) > SAME_START_SECONDS:
+        return f"process {pid} is gone (its pid now belongs to another process)"
+    return None
+
+
 def owner_tags() -> dict[str, str]:
     """The tags that say this process owns a run, with a first heartbeat."""
     pid = os.getpid()
@@ -93,7 +114,8 @@ class Heartbeat:
                     return
                 self.client.set_tag(self.run_id, HEARTBEAT, str(now_ms()))
             except Exception as error:  # a heartbeat must never fail the run
-                if not self._warned:
+                # A busy SQLite store only delays this beat; say so once for anything else.
+                if not self._warned and "database is locked" not in str(error):
                     log.warning("could not record the heartbeat of run %s: %s", self.run_id, error)
                     self._warned = True
 
@@ -124,18 +146,8 @@ def why_stale(run: Run, stale_after: float, host: str, now: int) -> str | None:
     `stale_after` (seconds) applies to runs owned elsewhere; `now` is epoch ms."""
     tags = run.data.tags
     minutes = (now - last_seen(run)) / 60_000
-    if tags.get(OWNER_HOST) == host:
-        pid = int(tags.get(OWNER_PID, "0") or 0)
-        started = process_start_time(pid) if pid > 0 else None
-        if started is None:
-            return f"process {pid} is gone"
-        try:
-            recorded = float(tags[OWNER_START])
-        except (KeyError, ValueError):
-            return None  # alive, and no start time to tell a reused pid apart: leave it
-        if abs(started - recorded) > SAME_START_SECONDS:
-            return f"process {pid} is gone (its pid now belongs to another process)"
-        return None
+    if tags.get(OWNER_HOST) == host and tags.get(OWNER_PID, "").isdigit():
+        return gone(int(tags[OWNER_PID]), tags.get(OWNER_START))
     if minutes * 60 <= stale_after:
         return None
     if OWNER_HOST in tags:
