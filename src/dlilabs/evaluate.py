@@ -145,10 +145,12 @@ def evaluate_lab(cfg: DictConfig) -> dict:
         tracking.log_evaluation(
             client, run_info["run_id"], logged, matrix, class_names, files, figures
         )
+        tracking.log_eval_datasets(client, run_info["run_id"], cfg)
         if run_info.get("registered_version"):
             tracking.update_champion(
                 client, run_info["registered_model"], run_info["registered_version"]
             )
+        tracking.update_card(client, cfg, run_info)  # now with the confusion matrix
     log.info(
         "%s: val accuracy %.4f, train accuracy %.4f, gap %.4f (run %s)",
         cfg.lab,

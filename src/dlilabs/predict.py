@@ -215,7 +215,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         root = project_root()
         names, images, labels = read_inputs(args.inputs)
-        model, dataset, description = load_model(args.model, root, tracking_uri(args.tracking_uri))
+        uri = tracking_uri(args.tracking_uri)
+        model, dataset, description = load_model(args.model, root, uri)
         probabilities = classify(model, images)
         class_names, raw_labels = dataset_classes(
             probabilities.shape[1], args.dataset or dataset, root
@@ -224,6 +225,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
     print(f"model: {description} ({len(class_names)} classes)")
+    if description.startswith(("models:/", "runs:/")):  # its model card's one line, if any
+        from dlilabs.tracking.cards import card_summary
+
+        summary = card_summary(description, uri)
+        if summary:
+            print(f"card: {summary}")
     actual_names = dict(zip(raw_labels, class_names, strict=True))
     for name, best, label in zip(
         names, top_classes(probabilities, class_names, args.top_k), labels, strict=True

@@ -68,19 +68,23 @@ def train_lab(cfg: DictConfig) -> dict:
             **tracking.data_tags(
                 prepared / "train.npz", prepared / "val.npz", len(x_train), len(x_val)
             ),
+            **tracking.lineage_tags(cfg, model),  # overrides, data.verified, model size
         },
     )
     # `run_name` (profile=demo) names the run by what it is; by default it is the lab.
     sweep_tags, run_name = tracking.child_tags_and_name(
         cfg.get("run_name") or cfg.lab, tracking.job_overrides()
     )
-    with tracking.lab_run(run_name, {**tags, **sweep_tags}) as run:
+    with tracking.lab_run(run_name, {**tags, **sweep_tags}, tracking_cfg=cfg.tracking) as run:
         log.info("MLflow run %s (%s) in experiment %s", run.info.run_id, cfg.lab, experiment_id)
         tracking.log_config(cfg)
+        tracking.log_datasets(cfg)  # the splits as MLflow dataset inputs, tied to DVC
         epoch_logger = tracking.EpochLogger()
+        # In an Optuna search: report each epoch to the trial, stop when it is pruned.
+        callbacks = [epoch_logger, *tracking.search_callbacks(cfg)]
         try:
             rows, best_epoch = fit(
-                model, train_data, val_data, trainer.epochs, trainer.monitor, [epoch_logger]
+                model, train_data, val_data, trainer.epochs, trainer.monitor, callbacks
             )
         finally:
             epoch_logger.flush()  # epochs done so far reach MLflow even if training stops early
@@ -104,6 +108,9 @@ def train_lab(cfg: DictConfig) -> dict:
 
 def run(cfg: DictConfig) -> dict:
     """Dispatch on the dataset's task: image classification labs, or the line-fit warm-up."""
+    done = tracking.finished_in_sweep(cfg)  # a resumed sweep: this combination FINISHED
+    if done is not None:
+        return done
     if cfg.dataset.task == "regression":
         from dlilabs.linefit import fit_line_lab
 

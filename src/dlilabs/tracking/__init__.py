@@ -4,6 +4,8 @@
     runs        a lab run: tags, params, per-epoch metrics, the logged model, its lifecycle
     evaluation  what evaluate records in the train run, without touching its status
     registry    the `champion` alias; loading registered models
+    lineage     datasets as MLflow inputs tied to DVC, the tags `reproduce` replays
+    cards       a model card for every registered version
     query       finding finished lab runs (dlilabs.compare)
     sweep       Hydra multirun as one parent run with a child per job
     server      the team server: PostgreSQL + `mlflow server`
@@ -30,10 +32,17 @@ _EXPORTS = {
     "evaluation_of": "evaluation",
     "log_evaluation": "evaluation",
     "update_champion": "registry",
+    "lineage_tags": "lineage",
+    "log_datasets": "lineage",
+    "log_eval_datasets": "lineage",
+    "update_card": "cards",
     "child_tags_and_name": "sweep",
     "job_overrides": "sweep",
     "in_sweep": "sweep",
     "close_unfinished_parent": "sweep",
+    "finished_in_sweep": "sweep",
+    "search_callbacks": "trial",
+    "job_result": "trial",
     "find_stale": "reconcile",
     "end_stale": "reconcile",
     "running_runs": "reconcile",

@@ -39,6 +39,7 @@ def flatten_config(cfg: DictConfig) -> dict[str, str]:
     but not in params (params should compare across machines)."""
     resolved = OmegaConf.to_container(cfg, resolve=True)
     resolved.pop("paths", None)
+    resolved.pop("published", None)  # the course's reference numbers (model cards), not settings
     resolved.get("dataset", {}).pop("source", None)
     flat: dict[str, str] = {}
 
@@ -106,6 +107,10 @@ class EpochLogger(keras.callbacks.Callback):
         self.flush_seconds = flush_seconds
         self._pending: list = []
         self._last_flush = time.monotonic()
+        self._epoch_start = time.monotonic()
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._epoch_start = time.monotonic()
 
     def on_epoch_end(self, epoch, logs=None):
         row = history_row(epoch + 1, logs or {})
@@ -116,6 +121,9 @@ class EpochLogger(keras.callbacks.Callback):
             for column, value in row.items()
             if column != "epoch"
         )
+        # The cost beside the accuracy (wall seconds, validation included); not in history.csv.
+        seconds = time.monotonic() - self._epoch_start
+        self._pending.append(Metric("time/epoch_seconds", seconds, timestamp, epoch + 1))
         if time.monotonic() - self._last_flush >= self.flush_seconds:
             self.flush()
 
@@ -175,21 +183,51 @@ def _interrupt(signum, frame):
     raise KeyboardInterrupt(f"received signal {signum}")
 
 
+def peak_memory_mb() -> float:
+    """This process's peak resident memory so far, in MiB (getrusage: KiB on Linux)."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def system_metrics(tracking_cfg: DictConfig | None) -> bool | None:
+    """Turn MLflow's system metrics (system/cpu_utilization_percentage, memory, GPU when
+    nvidia-ml-py finds one) on or off per `tracking.system_metrics`, sampled every
+    `tracking.system_metrics_interval` seconds. None (no config): MLflow's own default."""
+    if tracking_cfg is None or tracking_cfg.get("system_metrics") is None:
+        return None
+    if tracking_cfg.system_metrics:
+        mlflow.set_system_metrics_sampling_interval(tracking_cfg.get("system_metrics_interval", 10))
+        # Its start/stop and "no GPU" notices are INFO lines that tell the user nothing.
+        logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)
+    return bool(tracking_cfg.system_metrics)
+
+
 @contextlib.contextmanager
 def lab_run(
-    run_name: str, tags: dict[str, str] | None = None, run_id: str | None = None
+    run_name: str,
+    tags: dict[str, str] | None = None,
+    run_id: str | None = None,
+    tracking_cfg: DictConfig | None = None,
 ) -> Iterator[mlflow.ActiveRun]:
     """Start (or, with `run_id`, resume) an MLflow run that always ends with a true status:
     FINISHED, FAILED when the body raises, KILLED on Ctrl-C or SIGTERM (turned into
     KeyboardInterrupt here so `dvc` or a scheduler stopping the job is recorded too).
     A `kill -9` cannot be caught: the run records its owner process and a heartbeat while
-    it lasts, so that `reconcile` can end it later (KILLED at its last heartbeat)."""
+    it lasts, so that `reconcile` can end it later (KILLED at its last heartbeat).
+    `tracking_cfg` turns system metrics on (`system_metrics`); every run ends with its
+    process's peak memory, `memory/peak_mb`."""
     try:
         previous_handler = signal.signal(signal.SIGTERM, _interrupt)
     except ValueError:  # not the main thread: leave signals alone
         previous_handler = None
     tags = {**(tags or {}), **owner_tags()}  # a resumed run changes owner
-    run = mlflow.start_run(run_id=run_id, run_name=None if run_id else run_name, tags=tags)
+    run = mlflow.start_run(
+        run_id=run_id,
+        run_name=None if run_id else run_name,
+        tags=tags,
+        log_system_metrics=system_metrics(tracking_cfg),
+    )
     heartbeat = Heartbeat(run.info.run_id).start()
     status = "FINISHED"
     try:
@@ -202,6 +240,8 @@ def lab_run(
         raise
     finally:
         heartbeat.stop()
+        with contextlib.suppress(Exception):  # the store may be what failed: keep the cause
+            mlflow.log_metric("memory/peak_mb", peak_memory_mb())
         mlflow.end_run(status)
         if previous_handler is not None:
             signal.signal(signal.SIGTERM, previous_handler)
@@ -242,17 +282,21 @@ def finish_run(
     write the DVC outputs (model.keras, history.csv, run.json) and log the history.
     Returns (run.json's content, model folder)."""
     from dlilabs.fitting import save_outputs
+    from dlilabs.tracking.cards import write_card
     from dlilabs.tracking.sweep import job_output_dir
 
     registered = cfg.tracking.model_name if cfg.tracking.register_models else None
     model_info = log_keras_model(model, sample, registered)
+    version = getattr(model_info, "registered_model_version", None)
+    if version:  # every registered version gets its model card
+        write_card(mlflow.MlflowClient(), cfg, run.info.run_id, registered, version)
     run_info = {
         "lab": cfg.lab,
         "run_id": run.info.run_id,
         "experiment_id": experiment_id,
         "model_uri": model_info.model_uri,
         "registered_model": registered,
-        "registered_version": getattr(model_info, "registered_model_version", None),
+        "registered_version": version,
         "epochs": len(rows),
         **extra,
         **metrics,

@@ -1,0 +1,293 @@
+"""Lineage: which data, code and config a run used, recorded so that it can be found again.
+
+The train stage logs its prepared splits as MLflow dataset inputs (contexts `training` and
+`validation`): name `<dataset>/<split>`, a digest of the arrays' contents (dtype, shape and
+bytes: the same on every machine, unlike the .npz file, whose zip entries carry the time they
+were written), the tensor schema, the row count (the profile), and a `dvc` source naming the
+DVC-tracked path, the file's DVC md5 (its cache key) and whether `dvc.lock` agrees, and the
+raw download it came from. Evaluate logs what it scored the same way (context `evaluation`;
+the store keeps one input per dataset and run, so a new entry appears only if evaluate saw
+other data) and tags `eval.data.same`.
+
+Tags from `lineage_tags`: `hydra.overrides` (the job's Hydra overrides, JSON: what
+`dlilabs.reproduce` replays), `git.changed` (tracked files changed since the commit),
+`data.verified` (the raw download's provenance.json), `model.parameters`,
+`model.architecture` and, for a reproduction, `reproduces`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+from mlflow.data.dataset_source import DatasetSource
+from omegaconf import DictConfig
+
+DIGEST_CHARS = 32  # MLflow keeps at most 36 characters of a dataset digest
+REPRODUCES_ENV = "DLILABS_REPRODUCES"  # set by dlilabs.reproduce for the run it starts
+CONTEXTS = {"train": "training", "val": "validation"}
+EVALUATION = "evaluation"
+
+
+def arrays_sha256(path: str | os.PathLike) -> str:
+    """Hex sha256 of the arrays in an .npz file, by name: key, dtype, shape, then the C-order
+    bytes of each. Machine-independent, unlike the file's own bytes."""
+    digest = hashlib.sha256()
+    with np.load(path, allow_pickle=False) as data:
+        for key in sorted(data.files):
+            array = np.ascontiguousarray(data[key])
+            digest.update(f"{key}:{array.dtype.str}:{array.shape};".encode())
+            digest.update(memoryview(array).cast("B"))
+    return digest.hexdigest()
+
+
+def dvc_md5(path: str | os.PathLike, chunk_size: int = 1 << 20) -> str:
+    """A file's DVC 3 hash (`hash: md5` in dvc.lock): the md5 of its bytes, its cache key."""
+    digest = hashlib.md5(usedforsecurity=False)
+    with open(path, "rb") as stream:
+        while chunk := stream.read(chunk_size):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def locked_outputs(root: Path) -> dict[str, tuple[str, str]]:
+    """{output path: (stage, md5)} from `root`/dvc.lock ({} without one). During `dvc repro`
+    the lock holds every stage finished so far, so train sees preprocess's outputs."""
+    lock = root / "dvc.lock"
+    try:
+        stages = (yaml.safe_load(lock.read_text()) or {}).get("stages") or {}
+    except (OSError, yaml.YAMLError):
+        return {}
+    return {
+        str(out["path"]): (stage, str(out.get("md5", "")))
+        for stage, entry in stages.items()
+        for out in (entry or {}).get("outs") or []
+        if isinstance(out, dict) and "path" in out
+    }
+
+
+def relative(path: Path, root: Path) -> str:
+    """`path` relative to the project root when inside it (as DVC names it), else absolute."""
+    try:
+        return path.resolve().relative_to(root.resolve()).as_posix()
+    except ValueError:
+        return str(path.resolve())
+
+
+@dataclasses.dataclass
+class SplitRecord:
+    """What identifies one prepared split: where it is and what it holds."""
+
+    path: str  # relative to the project root, as dvc.yaml names it
+    sha256: str  # arrays_sha256
+    md5: str  # dvc_md5: the DVC cache key
+    dvc_lock: str  # "locked" (dvc.lock agrees), "modified" (it names another md5), "unlocked"
+    stage: str | None  # the DVC stage that writes it
+    raw: dict[str, Any]  # {"path", "md5" (or "unlocked"), "verified"} of the download
+
+    @property
+    def digest(self) -> str:
+        return self.sha256[:DIGEST_CHARS]
+
+
+def split_record(cfg: DictConfig, split: str) -> SplitRecord:
+    """The SplitRecord of `split` ("train" or "val") of the configured dataset."""
+    root = Path(cfg.paths.root)
+    file = Path(cfg.paths.prepared_dir) / f"{split}.npz"
+    locked = locked_outputs(root)
+    md5 = dvc_md5(file)
+    stage, locked_md5 = locked.get(relative(file, root), (None, None))
+    state = "unlocked" if locked_md5 is None else "locked" if locked_md5 == md5 else "modified"
+    raw_dir = Path(cfg.paths.raw_dir)
+    raw_stage = locked.get(relative(raw_dir, root))
+    return SplitRecord(
+        path=relative(file, root),
+        sha256=arrays_sha256(file),
+        md5=md5,
+        dvc_lock=state,
+        stage=stage,
+        raw={
+            "path": relative(raw_dir, root),
+            "md5": raw_stage[1] if raw_stage else "unlocked",
+            "verified": raw_verified(raw_dir),
+        },
+    )
+
+
+def raw_verified(raw_dir: Path) -> bool | None:
+    """provenance.json's `verified` for a raw dataset folder, None without one."""
+    try:
+        return bool(json.loads((raw_dir / "provenance.json").read_text())["verified"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+class DvcSource(DatasetSource):
+    """A dataset source in a DVC project: a SplitRecord's fields (path, md5, dvc_lock, ...).
+    The MLflow UI shows it as source type `dvc` with these fields."""
+
+    def __init__(self, fields: dict[str, Any]):
+        self.fields = fields
+
+    @staticmethod
+    def _get_source_type() -> str:
+        return "dvc"
+
+    def load(self) -> str:
+        """The split's path (relative to the project root, as DVC names it)."""
+        return self.fields["path"]
+
+    @staticmethod
+    def _can_resolve(raw_source: Any) -> bool:
+        return False
+
+    @classmethod
+    def _resolve(cls, raw_source: Any) -> DvcSource:
+        raise NotImplementedError("a dvc source is built from a SplitRecord")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.fields)
+
+    @classmethod
+    def from_dict(cls, source_dict: dict[Any, Any]) -> DvcSource:
+        return cls(dict(source_dict))
+
+
+def mlflow_dataset(cfg: DictConfig, split: str):
+    """The split as an MLflow NumpyDataset: x uint8 (n, 28, 28) features, y (n,) targets,
+    name `<dataset>/<split>`, our digest, a `dvc` source."""
+    import mlflow
+
+    record = split_record(cfg, split)
+    with np.load(Path(cfg.paths.prepared_dir) / f"{split}.npz", allow_pickle=False) as data:
+        features, targets = data["x"], data["y"]
+    return mlflow.data.from_numpy(
+        features,
+        targets=targets,
+        source=DvcSource(dataclasses.asdict(record)),
+        name=f"{cfg.dataset.name}/{split}",
+        digest=record.digest,
+    )
+
+
+def log_datasets(cfg: DictConfig) -> None:
+    """Log the train and validation splits as inputs of the active run."""
+    import mlflow
+
+    from dlilabs.tracking.store import retry_if_locked
+
+    for split, context in CONTEXTS.items():
+        retry_if_locked(mlflow.log_input, mlflow_dataset(cfg, split), context=context)
+
+
+def log_eval_datasets(client, run_id: str, cfg: DictConfig) -> bool:
+    """Log the splits evaluate scored as inputs of `run_id` (context `evaluation`, through
+    `client`: the run's status is untouched) and tag `eval.data.same`. Returns True when they
+    are the data the run trained and validated on."""
+    from mlflow.entities import DatasetInput, InputTag
+
+    from dlilabs.tracking.store import retry_if_locked
+
+    trained = {d["name"]: d["digest"] for d in run_datasets(client.get_run(run_id))}
+    inputs, same = [], bool(trained)
+    for split in CONTEXTS:
+        dataset = mlflow_dataset(cfg, split)
+        same = same and trained.get(dataset.name) == dataset.digest
+        tags = [InputTag("mlflow.data.context", EVALUATION)]
+        inputs.append(DatasetInput(dataset._to_mlflow_entity(), tags))
+    retry_if_locked(client.log_inputs, run_id, datasets=inputs)
+    retry_if_locked(client.set_tag, run_id, "eval.data.same", str(same).lower())
+    return same
+
+
+def run_datasets(run) -> list[dict]:
+    """A run's dataset inputs as dicts: name, digest, context, rows, and the source's fields
+    (path, md5, sha256, dvc_lock, stage, raw) when it is a `dvc` source."""
+    found = []
+    for item in run.inputs.dataset_inputs if run.inputs else []:
+        dataset = item.dataset
+        tags = {tag.key: tag.value for tag in item.tags}
+        try:
+            source = json.loads(dataset.source) if dataset.source_type == "dvc" else {}
+            rows = (json.loads(dataset.profile or "{}").get("features_shape") or [None])[0]
+        except ValueError:
+            source, rows = {}, None
+        found.append(
+            {
+                "name": dataset.name,
+                "digest": dataset.digest,
+                "context": tags.get("mlflow.data.context"),
+                "rows": rows,
+                **source,
+            }
+        )
+    return found
+
+
+def hydra_overrides() -> list[str] | None:
+    """The running Hydra job's overrides (a sweep job's own), None outside a Hydra app."""
+    from hydra.core.hydra_config import HydraConfig
+
+    if not HydraConfig.initialized():
+        return None
+    return list(HydraConfig.get().overrides.task)
+
+
+def changed_files(root: Path) -> list[str]:
+    """Tracked files that differ from the commit (git status), [] outside git."""
+    try:
+        status = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=root,
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=10,
+        ).stdout
+    except (OSError, subprocess.SubprocessError):
+        return []
+    return [line[3:] for line in status.splitlines() if line.strip()]
+
+
+def architecture(model) -> str:
+    """A Keras model's layers in one line: "Flatten → Dense 512 relu → Dense 10 softmax"."""
+    parts = []
+    for layer in model.layers:
+        config, kind = layer.get_config(), type(layer).__name__
+        detail = [
+            str(config[key]) for key in ("units", "filters", "rate") if config.get(key) is not None
+        ]
+        if config.get("kernel_size"):
+            detail.append("x".join(str(size) for size in config["kernel_size"]))
+        if config.get("activation") not in (None, "linear"):
+            detail.append(str(config["activation"]))
+        parts.append(" ".join([kind.replace("Normalization", "Norm"), *detail]))
+    return " → ".join(parts)
+
+
+def lineage_tags(cfg: DictConfig, model=None) -> dict[str, str]:
+    """Tags for a train run: hydra.overrides, git.changed, data.verified, the model's size
+    and layers (`model`: the Keras model), reproduces (inside dlilabs.reproduce)."""
+    tags: dict[str, str] = {}
+    overrides = hydra_overrides()
+    if overrides is not None:
+        tags["hydra.overrides"] = json.dumps(overrides)
+    changed = changed_files(Path(cfg.paths.root))
+    if changed:
+        tags["git.changed"] = " ".join(changed[:20]) + (" ..." if len(changed) > 20 else "")
+    verified = raw_verified(Path(cfg.paths.raw_dir))
+    if verified is not None:
+        tags["data.verified"] = str(verified).lower()
+    if model is not None:
+        tags["model.parameters"] = str(model.count_params())
+        tags["model.architecture"] = architecture(model)[:5000]
+    if os.environ.get(REPRODUCES_ENV):
+        tags["reproduces"] = os.environ[REPRODUCES_ENV]
+    return tags
