@@ -27,7 +27,7 @@ from omegaconf.errors import OmegaConfBaseException
 from dlilabs.config import config_dir
 from dlilabs.errors import UserError
 from dlilabs.schemas import OPTIMIZERS, check_config
-from dlilabs.tracking import close_unfinished_parent, tracking_user_error
+from dlilabs.tracking import close_unfinished_parent, job_result, tracking_user_error
 
 log = logging.getLogger("dlilabs")
 # Lines of Hydra's and OmegaConf's reports that say where in their own code, not what is wrong.
@@ -104,7 +104,8 @@ def stage_main(task: Callable[[DictConfig], object]) -> Callable[[], None]:
     def guarded(cfg: DictConfig) -> object:
         try:
             check_config(cfg, keras_knows)  # before any data is loaded or run opened
-            return task(cfg)
+            # A sweeper that optimises (Optuna) gets the objective; others the results.
+            return job_result(cfg, task(cfg))
         except UserError as error:
             # stderr, not the log: Hydra's console log goes to stdout, errors should not.
             print(f"error: {error}", file=sys.stderr)

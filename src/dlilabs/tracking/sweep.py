@@ -18,11 +18,14 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
+from dlilabs.tracking import resume
+
 log = logging.getLogger("dlilabs.sweep")
 
 PARENT_ENV = "DLILABS_PARENT_RUN_ID"
 VARYING_ENV = "DLILABS_SWEEP_KEYS"
 RANK_ENV = "DLILABS_SWEEP_RANK"  # "metric,goal", to summarise a sweep that ended in error
+STUDY_ENV = "DLILABS_SEARCH_STUDY"  # an Optuna search's study name (dlilabs.tracking.search)
 
 
 def job_overrides() -> list[str]:
@@ -53,6 +56,11 @@ def job_output_dir(default: str) -> Path:
         return Path(default)
 
 
+def finished_in_sweep(cfg: DictConfig) -> dict | None:
+    """In a resumed sweep, this job's FINISHED child's results (it then skips); else None."""
+    return resume.finished_in_sweep(cfg, job_overrides())
+
+
 def sweep_keys(overrides: list[str]) -> list[str]:
     """The keys a sweep varies: `["model.dropout=0.1,0.3", "lab=x"]` -> `["model.dropout"]`."""
     parsed = OverridesParser.create().parse_overrides(overrides)
@@ -61,18 +69,33 @@ def sweep_keys(overrides: list[str]) -> list[str]:
 
 def child_tags_and_name(lab: str, job_overrides: list[str]) -> tuple[dict[str, str], str]:
     """Tags and run name for a job of the current sweep (nothing outside a sweep):
-    ({"mlflow.parentRunId": ...}, "asl_cnn model.dropout=0.1 augment=dli")."""
+    ({"mlflow.parentRunId": ..., "sweep.job_key": ...}, "asl_cnn model.dropout=0.1 augment=dli");
+    a search trial is also tagged with its study and number: "asl_cnn trial 3 model.dropout=...".
+    """
     parent = os.environ.get(PARENT_ENV)
     if not parent:
         return {}, lab
     varying = set(filter(None, os.environ.get(VARYING_ENV, "").split(",")))
     chosen = [o for o in job_overrides if o.split("=", 1)[0].lstrip("+~") in varying]
-    return {"mlflow.parentRunId": parent, "sweep": "child"}, " ".join([lab, *chosen])
+    tags = {"mlflow.parentRunId": parent, "sweep": "child"}
+    tags["sweep.job_key"] = resume.job_key(job_overrides)  # a resumed sweep skips it if done
+    trial = [o.split("=", 1)[1] for o in job_overrides if o.startswith("sweep.trial=")]
+    if trial:
+        tags.update({"search.trial": trial[0], "search.study": os.environ.get(STUDY_ENV, "")})
+        return tags, " ".join([lab, f"trial {trial[0]}", *chosen])
+    return tags, " ".join([lab, *chosen])
 
 
 def best_child(children: list, metric: str, goal: str):
-    """The child run with the best `metric` (goal "max" or "min"), or None if none has it."""
-    scored = [run for run in children if metric in run.data.metrics]
+    """The FINISHED child run with the best `metric` (goal "max" or "min"), or None if none
+    has it. A pruned trial (a partial run) is never the best."""
+    scored = [
+        run
+        for run in children
+        if metric in run.data.metrics
+        and run.info.status == "FINISHED"
+        and run.data.tags.get("pruned") != "true"
+    ]
     if not scored:
         return None
     pick = max if goal == "max" else min
@@ -85,7 +108,10 @@ def summary_table(children: list, metric: str) -> str:
     for run in sorted(children, key=lambda r: r.info.run_name or ""):
         value = run.data.metrics.get(metric, float("nan"))
         gap = run.data.metrics.get("final/gap/accuracy", float("nan"))
-        lines.append(f"| {run.info.run_name} | {run.info.status} | {value:.4f} | {gap:.4f} |")
+        status = run.info.status
+        if run.data.tags.get("pruned") == "true":
+            status += f" (pruned after epoch {run.data.tags.get('pruned_at_epoch', '?')})"
+        lines.append(f"| {run.info.run_name} | {status} | {value:.4f} | {gap:.4f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -96,38 +122,59 @@ class MlflowSweepCallback(Callback):
         if config.hydra.job.name != "train":
             return
         import mlflow
-        from mlflow.entities import Param
 
-        from dlilabs.tracking.reconcile import Heartbeat, owner_tags
+        from dlilabs.tracking.reconcile import Heartbeat
         from dlilabs.tracking.store import connect
 
         # Connecting sets up the store (under its lock) and ends runs left RUNNING by
         # processes that are gone, before the sweep's jobs start.
         experiment_id = connect(config.tracking)
+        client = mlflow.MlflowClient()
         overrides = list(config.hydra.overrides.task)
-        run = mlflow.MlflowClient().create_run(
+        key = resume.sweep_key(str(config.lab), overrides)
+        previous = None
+        if config.sweep.get("resume", True):
+            previous = resume.previous_parent(client, experiment_id, key)
+        if previous is not None:
+            run_id = previous.info.run_id
+            resume.reopen(client, previous, config)
+        else:
+            run_id = self.new_parent(config, experiment_id, key)
+        Heartbeat(run_id).start()  # stops by itself once the parent has ended
+        os.environ[PARENT_ENV] = run_id
+        os.environ[VARYING_ENV] = ",".join(sweep_keys(overrides))  # a search adds its space
+        os.environ[RANK_ENV] = f"{config.sweep.metric},{config.sweep.goal}"
+        log.info("MLflow parent run %s for this sweep", run_id)
+
+    @staticmethod
+    def new_parent(config: DictConfig, experiment_id: str, key: str) -> str:
+        """Create the sweep's parent run (owned by this process, the sweep's overrides as
+        params; a search adds its own); return its id."""
+        import mlflow
+        from mlflow.entities import Param
+
+        from dlilabs.tracking.reconcile import owner_tags
+
+        overrides = list(config.hydra.overrides.task)
+        client = mlflow.MlflowClient()
+        run = client.create_run(
             experiment_id,
             run_name=f"sweep {config.lab} " + " ".join(overrides),
             tags={
                 "sweep": "parent",
+                "sweep.key": key,  # lab + overrides: a re-run of this sweep finds it
                 "lab": str(config.lab),
                 "demo": str(config.demo).lower(),
                 "sweep.dir": str(config.hydra.sweep.dir),
                 **owner_tags(),  # this process: reconcile ends the parent if it dies
             },
         )
-        Heartbeat(run.info.run_id).start()  # stops by itself once the parent has ended
-        mlflow.MlflowClient().log_batch(
-            run.info.run_id,
-            params=[
-                Param(f"override.{key}", value)
-                for key, _, value in (override.partition("=") for override in overrides)
-            ],
-        )
-        os.environ[PARENT_ENV] = run.info.run_id
-        os.environ[VARYING_ENV] = ",".join(sweep_keys(overrides))
-        os.environ[RANK_ENV] = f"{config.sweep.metric},{config.sweep.goal}"
-        log.info("MLflow parent run %s for this sweep", run.info.run_id)
+        # "+hparams_search=x" -> override.hparams_search (MLflow refuses "+" in a name).
+        params = {
+            f"override.{k.lstrip('+~')}": v for k, _, v in (o.partition("=") for o in overrides)
+        }
+        client.log_batch(run.info.run_id, params=[Param(k, v) for k, v in params.items()])
+        return run.info.run_id
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         parent = os.environ.get(PARENT_ENV)
@@ -144,6 +191,9 @@ def finish_parent(parent: str, metric: str, goal: str, status: str) -> None:
     experiment_id = client.get_run(parent).info.experiment_id
     children = client.search_runs([experiment_id], f"tags.mlflow.parentRunId = '{parent}'")
     best = best_child(children, metric, goal)
+    # A search names its best trial (dlilabs.tracking.search): the same run, ties included.
+    best_trial = client.get_run(parent).data.tags.get("best_trial.run_id")
+    best = next((run for run in children if run.info.run_id == best_trial), best)
     if best is not None:
         client.set_tag(parent, "best_child.run_id", best.info.run_id)
         client.set_tag(parent, "best_child.name", best.info.run_name)
@@ -154,7 +204,7 @@ def finish_parent(parent: str, metric: str, goal: str, status: str) -> None:
     client.log_metric(parent, "children", len(children))
     client.log_text(parent, summary_table(children, metric), "sweep_summary.md")
     client.set_terminated(parent, status)
-    for variable in (PARENT_ENV, VARYING_ENV, RANK_ENV):
+    for variable in (PARENT_ENV, VARYING_ENV, RANK_ENV, STUDY_ENV, resume.DONE_ENV):
         os.environ.pop(variable, None)
 
 

@@ -1,0 +1,1 @@
+"""dlilabs' Optuna sweeper for Hydra (`hydra/sweeper=optuna`): see optuna_sweeper.py."""
