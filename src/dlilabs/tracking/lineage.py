@@ -291,3 +291,41 @@ def lineage_tags(cfg: DictConfig, model=None) -> dict[str, str]:
     if os.environ.get(REPRODUCES_ENV):
         tags["reproduces"] = os.environ[REPRODUCES_ENV]
     return tags
+
+
+def run_record(uri: str, run_id: str) -> dict:
+    """What `dlilabs.reproduce` needs of run `run_id` in store `uri`: name, status, params,
+    metrics (latest values), tags and datasets (`run_datasets`). UserError if there is none."""
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    from dlilabs.errors import UserError
+    from dlilabs.tracking.registry import store_exists
+
+    if not store_exists(uri):
+        raise UserError(f"no MLflow store at {uri}: run the pipeline first or pass --tracking-uri")
+    try:
+        run = MlflowClient(uri).get_run(run_id)
+    except MlflowException:
+        raise UserError(
+            f"no run {run_id!r} in {uri}: copy a run id from the MLflow UI, or pass the store "
+            "it is in (--tracking-uri)"
+        ) from None
+    return {
+        "run_id": run.info.run_id,
+        "name": run.info.run_name,
+        "status": run.info.status,
+        "params": dict(run.data.params),
+        "metrics": dict(run.data.metrics),
+        "tags": dict(run.data.tags),
+        "datasets": run_datasets(run),
+    }
+
+
+def tag_run(uri: str, run_id: str, key: str, value: str) -> None:
+    """Set tag `key` of run `run_id` in store `uri` (through the client: status untouched)."""
+    from mlflow import MlflowClient
+
+    from dlilabs.tracking.store import retry_if_locked
+
+    retry_if_locked(MlflowClient(uri).set_tag, run_id, key, value)
