@@ -7,7 +7,7 @@ BIN    := $(VENV)/bin
 export PATH := $(abspath $(BIN)):$(PATH)
 
 .DEFAULT_GOAL := help
-.PHONY: help install dev test test-fast lint format demo repro bench ui server compare clean
+.PHONY: help install dev test test-fast lint format demo repro bench ui server compare reproduce clean
 
 help: ## List the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -60,6 +60,9 @@ server: install ## Team tracking server: PostgreSQL + MLflow on http://127.0.0.1
 
 compare: install ## Labs side by side: build/reports/comparison.{png,md} (ARGS="--experiment dlilabs-demo")
 	$(PY) -m dlilabs.compare $(ARGS)
+
+reproduce: install ## Re-run a train run from its MLflow id, compare (RUN=<id>, ARGS=--worktree)
+	$(PY) -m dlilabs.reproduce $(RUN) $(ARGS)
 
 clean: ## Remove pipeline outputs and logs (keeps .venv and the MLflow store)
 	rm -rf data models eval logs build
