@@ -8,8 +8,9 @@ import sys
 import pytest
 from mlflow import MlflowClient
 
-from conftest import stage_env
+from conftest import stage_env, write_prepared
 from dlilabs.config import compose
+from dlilabs.tracking.resume import job_key, sweep_key
 from dlilabs.tracking.sweep import best_child, sweep_keys
 
 TINY = ["experiment=mnist_mlp", "trainer.epochs=2"]
@@ -41,15 +42,24 @@ def test_sweep_keys_are_the_overrides_with_several_values():
     assert sweep_keys(overrides) == ["model.dropout", "augment", "x"]
 
 
-def test_best_child_respects_the_goal():
-    class Run:  # the two attributes best_child reads
-        def __init__(self, value):
-            self.data = type("Data", (), {"metrics": {"m": value}})()
+def test_best_child_respects_the_goal_and_skips_unfinished_and_pruned_runs():
+    class Run:  # the attributes best_child reads
+        def __init__(self, value, status="FINISHED", tags=None):
+            self.data = type("Data", (), {"metrics": {"m": value}, "tags": tags or {}})()
+            self.info = type("Info", (), {"status": status})()
 
-    runs = [Run(0.2), Run(0.9), Run(0.5)]
+    runs = [Run(0.2), Run(0.9), Run(0.5), Run(0.99, "FAILED"), Run(1.0, tags={"pruned": "true"})]
     assert best_child(runs, "m", "max") is runs[1]
     assert best_child(runs, "m", "min") is runs[0]
     assert best_child(runs, "other", "max") is None
+
+
+def test_a_job_is_known_by_its_overrides_in_any_order():
+    one = ["experiment=mnist_mlp", "trainer.seed=1", "augment=dli"]
+    assert job_key(one) == job_key([*reversed(one), "sweep.resume=true"])
+    assert job_key(one) != job_key(["experiment=mnist_mlp", "trainer.seed=2", "augment=dli"])
+    assert sweep_key("mnist_mlp", one) == sweep_key("mnist_mlp", list(reversed(one)))
+    assert sweep_key("mnist_mlp", one) != sweep_key("asl_mlp", one)
 
 
 @pytest.mark.slow
@@ -147,3 +157,33 @@ def test_slurm_launcher_requests_one_gpu_per_job():
     assert launcher.gpus_per_node == 1 and launcher.tasks_per_node == 1
     assert launcher.cpus_per_task > 0 and launcher.mem_gb > 0 and launcher.timeout_min > 0
     assert compose(["experiment=asl_cnn"]).trainer.device == "gpu"
+
+
+@pytest.mark.slow
+def test_a_stopped_sweep_rerun_runs_only_what_it_had_not_finished(project, tiny_mnist):
+    """The third job fails (its dataset is not prepared), which stops the sweep; once the
+    data is there, the same sweep reopens the same parent and trains only the two missing."""
+    grid = [*TINY, "model.hidden_units=[16]", "dataset=mnist,mnist_demo", "trainer.seed=1,2"]
+    stopped = sweep(project, *grid)
+    assert stopped.returncode != 0 and "mnist_demo/train.npz does not exist" in stopped.stderr
+    (parent,), children = sweep_runs(project)
+    assert parent.info.status == "FAILED" and len(children) == 2
+
+    write_prepared(project / "data" / "prepared" / "mnist_demo", 320, 80, 10)
+    resumed = sweep(project, *grid)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    output = resumed.stdout + resumed.stderr
+    assert "skipping 2 of 4 combinations already FINISHED, running the other 2" in output
+    (again,), children = sweep_runs(project)
+    assert again.info.run_id == parent.info.run_id and again.info.status == "FINISHED"
+    assert again.data.tags["sweep.skipped"] == "2" and again.data.tags["sweep.resumed"] == "1"
+    # Four combinations, each trained once: the first two were not trained again.
+    assert len(children) == 4 and {run.info.status for run in children} == {"FINISHED"}
+    assert len({run.data.tags["sweep.job_key"] for run in children}) == 4
+    assert sorted(run.data.tags["dataset"] for run in children) == [
+        "mnist",
+        "mnist",
+        "mnist_demo",
+        "mnist_demo",
+    ]
+    assert again.data.metrics["children"] == 4
