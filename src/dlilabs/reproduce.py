@@ -38,7 +38,10 @@ from dlilabs.errors import UserError
 
 COST = ("time/", "memory/", "system/")  # measured, not expected to match
 NOT_CODE = ("dvc.lock", ".dvc", ".gitignore")  # data pointers: the data is checked by content
-SWEEP_ENV = ("DLILABS_PARENT_RUN_ID", "DLILABS_SWEEP_KEYS", "DLILABS_SWEEP_RANK", "DVC_STAGE")
+SWEEP_ENV = (
+    "DLILABS_PARENT_RUN_ID", "DLILABS_SWEEP_KEYS", "DLILABS_SWEEP_RANK", "DLILABS_SEARCH_STUDY",
+    "DVC_STAGE",
+)  # fmt: skip
 
 
 def git(root: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
