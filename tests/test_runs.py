@@ -114,3 +114,22 @@ def test_an_unknown_experiment_or_store_is_one_error_line(project, capsys):
 
     assert main(["reconcile", "--tracking-uri", f"sqlite:///{project}/none/mlflow.db"]) == 2
     assert capsys.readouterr().err.startswith(f"error: no MLflow store at {project}/none")
+
+
+def test_reconcile_on_a_read_only_store_is_one_error_line(project, capsys):
+    import shutil
+
+    tracking = compose().tracking
+    connect(tracking)
+    database = project / "mlflow.db"
+    capsys.readouterr()  # what connecting printed
+    chattr = shutil.which("chattr")
+    if chattr is None or subprocess.run([chattr, "+i", str(database)]).returncode != 0:
+        pytest.skip("this filesystem has no immutable files")
+    try:
+        assert main(["reconcile", "--tracking-uri", tracking.uri]) == 2
+    finally:
+        subprocess.run([chattr, "-i", str(database)], check=True)
+    error = capsys.readouterr().err.strip()
+    assert error.startswith("error: ") and len(error.splitlines()) == 1
+    assert str(database) in error

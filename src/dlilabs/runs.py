@@ -16,10 +16,12 @@ import argparse
 import datetime
 import sys
 import time
+from pathlib import Path
 
 from dlilabs.errors import UserError
 from dlilabs.tracking import end_stale, find_stale, running_runs
 from dlilabs.tracking.query import client_for
+from dlilabs.tracking.store import check_writable
 
 
 def age(milliseconds: int, now: float | None = None) -> str:
@@ -94,6 +96,9 @@ def main(argv: list[str] | None = None) -> int:
                 f"no experiment {args.experiment!r} in the MLflow store {args.tracking_uri} "
                 f"(experiments there: {names}): pass --experiment"
             )
+        database = args.tracking_uri.removeprefix("sqlite:///")
+        if args.action == "reconcile" and database != args.tracking_uri:
+            check_writable(Path(database))  # one line now, not a SQL traceback mid-way
         running = running_runs(client, experiment.experiment_id)
         stale = find_stale(client, experiment.experiment_id, args.stale_after * 60, running)
     except UserError as error:

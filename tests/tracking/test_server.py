@@ -418,5 +418,13 @@ def test_mlflow_login_refuses_anonymous_requests_and_takes_env_credentials(
             monkeypatch.delenv(name)
         with pytest.raises(MlflowException, match="error code 401"):
             MlflowClient(uri).get_experiment_by_name("login")
+        # ... and a job without them stops with one line saying what to set.
+        refused = subprocess.run(
+            command, env=stage_env(project, MLFLOW_TRACKING_URI=uri), capture_output=True,
+            text=True, timeout=600,
+        )  # fmt: skip
+        assert refused.returncode == 2, refused.stderr
+        assert "Traceback" not in refused.stderr
+        assert "MLFLOW_TRACKING_USERNAME" in refused.stderr.strip().splitlines()[-1]
     finally:
         server.stop(process)

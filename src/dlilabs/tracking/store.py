@@ -23,6 +23,10 @@ from omegaconf import DictConfig
 from dlilabs.errors import UserError
 
 log = logging.getLogger("dlilabs.tracking")
+# MLflow announces every schema check and table creation at INFO ("Creating initial MLflow
+# database tables...", alembic's steps): nothing a user acts on. Warnings still show.
+for _chatty in ("mlflow.store.db.utils", "alembic", "alembic.runtime.migration"):
+    logging.getLogger(_chatty).setLevel(logging.WARNING)
 
 HINT = "Is it running? (make server)"
 # Seconds to wait for another process creating or upgrading the SQLite store's schema (a
@@ -30,6 +34,11 @@ HINT = "Is it running? (make server)"
 LOCK_TIMEOUT = 600
 # requests' exceptions for a server that is gone, hung, or cut a response short.
 FAILURES = ("ConnectionError", "Timeout", "RetryError", "ChunkedEncodingError")
+# MLflow's error codes for HTTP 401 and 403 from a server started with --auth.
+AUTH_ERRORS = {
+    "UNAUTHENTICATED": "not logged in",
+    "PERMISSION_DENIED": "permission denied",
+}
 # tracking.<key> -> the MLflow client's environment variable (mlflow/environment_variables.py).
 HTTP_SETTINGS = {
     "http_timeout": "MLFLOW_HTTP_REQUEST_TIMEOUT",
@@ -246,7 +255,7 @@ def _reason(error: BaseException) -> str:
 
 def tracking_user_error(error: BaseException, uri: str | None = None) -> UserError | None:
     """A UserError naming the tracking server if `error` (or an exception it was raised from
-    or while handling) is a failed HTTP request to it, else None. `uri` defaults to MLflow's
+    or while handling) is a failed HTTP request to it, or its refusal (401/403), else None. `uri` defaults to MLflow's
     current tracking URI. Errors reaching other hosts (dataset downloads) are not matched."""
     import mlflow
     import requests
@@ -263,5 +272,12 @@ def tracking_user_error(error: BaseException, uri: str | None = None) -> UserErr
         if isinstance(error, failures) and url.startswith(uri):
             reason = _reason(error)
             return UserError(f"lost the MLflow tracking server at {uri}: {reason}. {HINT}")
+        if getattr(error, "error_code", None) in AUTH_ERRORS:
+            return UserError(
+                f"the MLflow tracking server at {uri} refused us "
+                f"({AUTH_ERRORS[error.error_code]}): export MLFLOW_TRACKING_USERNAME and "
+                "MLFLOW_TRACKING_PASSWORD for a user it knows (the server's admin password is "
+                "in its data dir: mlflow-admin.password)"
+            )
         error = error.__cause__ or error.__context__
     return None
