@@ -1,7 +1,7 @@
 """`make bench`: speed and memory of the pipeline's hot spots, measured side by side.
 
     python scripts/bench.py               # every section
-    python scripts/bench.py preprocess    # one section (preprocess, train)
+    python scripts/bench.py preprocess    # one section (preprocess, train, search)
 
 Each section is a function returning `Row`s; a row prints as
 `label: 1.23 s (target <= 3 s, ratio 0.41) | peak RSS 612 MB (target <= 1024 MB, ratio 0.60)`.
@@ -401,11 +401,22 @@ def bench_train() -> list[Row]:
     ]
 
 
+# ---------------------------------------------------------------- search
+
+
+def bench_search() -> list[Row]:
+    """An Optuna search of the CNN with pruning vs without (scripts/bench_search.py)."""
+    from bench_search import rows
+
+    return rows()
+
+
 # ---------------------------------------------------------------- runner
 
 SECTIONS: dict[str, Callable[[], list[Row]]] = {
     "preprocess": bench_preprocess,
     "train": bench_train,
+    "search": bench_search,
 }
 
 

@@ -50,9 +50,12 @@ def test_search_space_reads_hydras_override_grammar():
             "trainer.optimizer=choice(adam, sgd)",
             "model.dense_units=range(64, 257, 64)",
             "model.hidden_units=choice([64], [64,64])",
+            "trainer.epochs=interval(1, 9)",
+            "trainer.epochs=3",  # fixed on the command line: no longer searched
         ]
     )
-    assert fixed == ["experiment=asl_cnn"]
+    assert fixed == ["experiment=asl_cnn", "trainer.epochs=3"]
+    assert "trainer.epochs" not in space
     dropout, rate = space["model.dropout"], space["trainer.learning_rate"]
     assert (dropout.low, dropout.high, dropout.log) == (0.1, 0.5, False)
     assert (rate.low, rate.high, rate.log) == (1e-4, 1e-2, True)

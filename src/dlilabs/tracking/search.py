@@ -82,19 +82,23 @@ def distribution(override) -> Any:
 def search_space(overrides: list[str]) -> tuple[dict[str, Any], list[str]]:
     """Overrides (`model.dropout=interval(0.1,0.5)`, `experiment=asl_cnn`) ->
     ({"model.dropout": FloatDistribution(...)}, ["experiment=asl_cnn"]): what to search and
-    what every job gets as is."""
+    what every job gets as is; of two overrides of one key, the later counts."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
     space: dict[str, Any] = {}
-    fixed: list[str] = []
+    fixed: dict[str, str] = {}
     for override in OverridesParser.create().parse_overrides(overrides):
         found = distribution(override)
         key = override.get_key_element()
+        # The later one wins: `model.dense_units=128` on the command line takes the key out of
+        # the search space of hydra.sweeper.params (as in Hydra's own Optuna plugin).
+        space.pop(key, None)
+        fixed.pop(key, None)
         if isinstance(found, str):
-            fixed.append(f"{key}={found}")
+            fixed[key] = f"{key}={found}"
         else:
             space[key] = found
-    return space, fixed
+    return space, list(fixed.values())
 
 
 def params_overrides(params: DictConfig | None) -> list[str]:
