@@ -87,6 +87,9 @@ def one_line_config_errors() -> Iterator[None]:
                     raise
                 print(f"error: {config_error_line(error)}", file=sys.stderr)
                 sys.exit(2)
+            except UserError as error:  # raised by a sweeper (nothing to search, say)
+                print(f"error: {error}", file=sys.stderr)
+                sys.exit(2)
 
         return hydra_report(run)
 

@@ -234,3 +234,23 @@ def test_search_prunes_the_hopeless_trial_and_a_second_search_continues_the_stud
     assert float(parent.data.tags["best_trial.value"]) == pytest.approx(first_best.value)
     assert parent.data.tags["best_child.run_id"] == parent.data.tags["best_trial.run_id"]
     assert "Best trial:" in first.stdout + first.stderr
+
+
+def test_a_search_with_nothing_to_search_is_one_error_line(project):
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "dlilabs.train",
+            "-m",
+            "experiment=mnist_mlp",
+            "hydra/sweeper=optuna",
+        ],
+        env=stage_env(project),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 2
+    assert "error: the Optuna sweeper has nothing to search" in result.stderr
+    assert "Traceback" not in result.stderr
