@@ -236,6 +236,7 @@ def test_search_prunes_the_hopeless_trial_and_a_second_search_continues_the_stud
     assert "Best trial:" in first.stdout + first.stderr
 
 
+@pytest.mark.slow
 def test_a_search_with_nothing_to_search_is_one_error_line(project):
     result = subprocess.run(
         [
