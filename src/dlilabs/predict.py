@@ -224,13 +224,13 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    print(f"model: {description} ({len(class_names)} classes)")
+    card = ""
     if description.startswith(("models:/", "runs:/")):  # its model card's one line, if any
         from dlilabs.tracking.cards import card_summary
 
         summary = card_summary(description, uri)
-        if summary:
-            print(f"card: {summary}")
+        card = f"; card: {summary}" if summary else ""
+    print(f"model: {description} ({len(class_names)} classes){card}")
     actual_names = dict(zip(raw_labels, class_names, strict=True))
     for name, best, label in zip(
         names, top_classes(probabilities, class_names, args.top_k), labels, strict=True

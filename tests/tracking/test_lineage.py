@@ -191,7 +191,7 @@ def test_train_and_evaluate_record_lineage_cost_and_a_model_card(project, tiny_m
 
     assert predict(["models:/mnist_mlp@champion", str(image)]) == 0
     out = capsys.readouterr().out.splitlines()
-    assert out[1] == f"card: {summary[2:]}"
+    assert out[0] == f"model: models:/mnist_mlp@champion (10 classes); card: {summary[2:]}"
 
     write_prepared(tiny_mnist, 320, 40, 10)  # other validation data than the run trained on
     run_stage(project, "evaluate", *TINY)
