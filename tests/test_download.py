@@ -19,6 +19,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from dlilabs import download as stage
+from dlilabs import mirrors
 from dlilabs.config import PACKAGE_ROOT
 from dlilabs.errors import UserError
 
@@ -73,7 +74,7 @@ def closed_url():
 
 @pytest.fixture
 def fast_backoff(monkeypatch):
-    monkeypatch.setattr(stage, "BACKOFF_S", 0.01)
+    monkeypatch.setattr(mirrors, "BACKOFF_S", 0.01)
 
 
 def make_cfg(tmp_path, files, mirrors=(), local=None, timeout=10, retries=2, **source):

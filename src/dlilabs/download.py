@@ -31,30 +31,23 @@ import contextlib
 import functools
 import logging
 import os
-import re
 import shutil
 import tempfile
-import time
 import zipfile
 from collections.abc import Callable
 from pathlib import Path, PurePosixPath
 
-import pooch
-import requests
 from omegaconf import DictConfig
 
+from dlilabs import mirrors
 from dlilabs.cli import stage_main
 from dlilabs.errors import UserError
 from dlilabs.io import atomic_path, read_json, sha256_file, write_json
+from dlilabs.mirrors import Budget, FetchError
 
 log = logging.getLogger("dlilabs.download")  # not "__main__" under `python -m`
 
 GIVE_UP_AFTER_S = 8.0  # leaves ~2 s of the 10 s promise for starting Python and Hydra
-BACKOFF_S = 0.5  # first pause between tries of one URL, doubled at each retry
-MIN_TRY_S = 0.5  # a try with less time than this could not even connect: skip it
-# Worth another try: no connection, no answer in time, a transfer cut short, a busy server.
-TRANSIENT = (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError)
-RETRY_STATUS = {429, 500, 502, 503, 504}
 PROVENANCE = "provenance.json"
 ACCEPT_HINT = (
     "if you trust this copy (another mirror's, a re-packed file), accept it deliberately with "
@@ -68,23 +61,6 @@ Record = dict  # {"sha256": str, "source": str, "verified": bool}: one installed
 
 class ChecksumError(UserError):
     """A file's sha256 is none of the accepted ones (the bad copy has been deleted)."""
-
-
-class FetchError(Exception):
-    """One URL could not be fetched; the message says why in a few words."""
-
-
-class _Budget:
-    """Seconds still allowed for waiting on mirrors, each mirror getting a fair share. Only
-    tries that received no data are charged (and the pauses between tries): a slow download
-    that is making progress is never cut short."""
-
-    def __init__(self, seconds: float) -> None:
-        self.total = self.share = seconds
-
-    def charge(self, seconds: float) -> None:
-        self.total -= seconds
-        self.share -= seconds
 
 
 def download(cfg: DictConfig, give_up_after: float = GIVE_UP_AFTER_S) -> dict[str, str]:
@@ -291,7 +267,7 @@ def fetch_mirrors(cfg, names, accepted, staging: Path, give_up_after=GIVE_UP_AFT
     Returns ({name: record}, [each URL tried with its error])."""
     source = cfg.dataset.source
     mirrors = list(source.get("mirrors") or [])
-    budget, done, failures = _Budget(give_up_after), {}, []
+    budget, done, failures = Budget(give_up_after), {}, []
     for index, mirror in enumerate(mirrors):
         if not (wanted := [name for name in names if name not in done]):
             break
@@ -323,7 +299,9 @@ def _mirror_urls(mirror, wanted: list[str], accepted: dict) -> list[tuple[str, l
 
 def _fetch(url, names, archive, accepted, staging, source, budget):
     """Fetch one URL (a single file or a zip) into staging; return ({name: record}, [problems])."""
-    get = functools.partial(_get, url, source=source, budget=budget)
+    get = functools.partial(
+        mirrors.get, url, retries=source.retries, timeout=source.timeout, budget=budget
+    )
     if not archive:
         return _install_each(names, {names[0]: [(url, get)]}, accepted, staging)
     with tempfile.TemporaryDirectory(dir=staging, prefix=".zip-") as folder:
@@ -333,50 +311,6 @@ def _fetch(url, names, archive, accepted, staging, source, budget):
         with zipfile.ZipFile(path) as zipped:
             found = {name: _zip_candidates(zipped, url, name) for name in names}
             return _install_each(names, found, accepted, staging)
-
-
-def _get(url: str, path: Path, source: DictConfig, budget: _Budget) -> None:
-    """Stream `url` into `path` with pooch (progress bar), retrying transient errors with
-    backoff while the budget allows; raise FetchError saying why it failed."""
-    tries, last = int(source.retries) + 1, "not tried: earlier mirrors used up the time budget"
-    for attempt in range(tries):
-        pause = BACKOFF_S * 2 ** (attempt - 1) if attempt else 0.0
-        if (limit := min(float(source.timeout), budget.share - pause)) < MIN_TRY_S:
-            break
-        time.sleep(pause)
-        budget.charge(pause)
-        started = time.monotonic()
-        try:
-            pooch.HTTPDownloader(progressbar=True, timeout=limit, chunk_size=1 << 16)(
-                url, str(path), None
-            )
-            return
-        except requests.HTTPError as error:
-            last = _describe(error, limit)
-            if error.response is None or error.response.status_code not in RETRY_STATUS:
-                raise FetchError(last) from error  # 404 and friends: retrying will not help
-        except TRANSIENT as error:
-            last = _describe(error, limit)
-        except requests.RequestException as error:  # a malformed URL, too many redirects...
-            raise FetchError(_describe(error, limit)) from error
-        if not path.exists() or path.stat().st_size == 0:
-            budget.charge(time.monotonic() - started)
-        log.warning("%s: %s (try %d of %d)", url, last, attempt + 1, tries)
-    raise FetchError(last)
-
-
-def _describe(error: Exception, limit: float) -> str:
-    """A few words on why a request failed, instead of urllib3's nested repr."""
-    if isinstance(error, requests.HTTPError) and error.response is not None:
-        return f"HTTP {error.response.status_code} {error.response.reason}"
-    if isinstance(error, requests.ConnectTimeout):
-        return f"no connection within {limit:.1f} s"
-    if isinstance(error, requests.ReadTimeout) or "Read timed out" in str(error):
-        return f"connected, but no data for {limit:.1f} s"
-    if isinstance(error, requests.exceptions.ChunkedEncodingError):
-        return "transfer cut short (the connection closed before the end of the file)"
-    reason = re.search(r"\[Errno [-\d]+\] ([^'\")]+)", str(error))
-    return f"cannot connect: {reason.group(1)}" if reason else f"{type(error).__name__}: {error}"
 
 
 def _ways_forward(cfg, missing, failures, folders, refused) -> str:
