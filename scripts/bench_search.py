@@ -8,14 +8,15 @@ download and preprocess stages prepare the demo data (5,000 MNIST rows bundled w
 4,000 train, 1,000 val); then two real searches of lab 3's CNN
 (`+hparams_search=asl_cnn_optuna`, TRIALS trials of EPOCHS epochs, TPE seeded alike) run one
 after the other: with the median pruner, and with `hydra/sweeper/pruner=none`. Each row gives
-the search's wall time (the whole `python -m dlilabs.train` process), the study's best
-validation accuracy, and the epochs trained, which, unlike the time, does not depend on
-what else the machine is doing; the load average is printed with them.
+the search's wall and CPU time (the whole `python -m dlilabs.train` process), the study's
+best validation accuracy, and the epochs trained, which, unlike the times, does not depend
+on what else the machine is doing; the load average is printed with them.
 """
 
 from __future__ import annotations
 
 import os
+import resource
 import shutil
 import subprocess
 import sys
@@ -40,11 +41,14 @@ SIDES = {
 }
 
 
-def stage(root: Path, module: str, *overrides: str) -> float:
-    """Run `python -m dlilabs.<module>` in the scratch project; return its wall seconds."""
+def stage(root: Path, module: str, *overrides: str) -> tuple[float, float]:
+    """Run `python -m dlilabs.<module>` in the scratch project; return its (wall, CPU)
+    seconds. CPU time (user + system, its threads together) depends less on other
+    processes than wall time does."""
     env = {**os.environ, "DLILABS_ROOT": str(root)}
     for variable in ("MLFLOW_TRACKING_URI", "DLILABS_STORE_DIR", "DLILABS_OPTUNA_STORAGE"):
         env.pop(variable, None)
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.perf_counter()
     result = subprocess.run(
         [sys.executable, "-m", f"dlilabs.{module}", *overrides],
@@ -55,7 +59,9 @@ def stage(root: Path, module: str, *overrides: str) -> float:
     )
     if result.returncode != 0:
         raise SystemExit(f"{module} {' '.join(overrides)} failed:\n{result.stderr[-3000:]}")
-    return time.perf_counter() - start
+    wall = time.perf_counter() - start
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return wall, (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
 
 
 def study_figures(root: Path, name: str) -> dict:
@@ -81,9 +87,10 @@ def rows() -> list:
         figures = {}
         for side, overrides in SIDES.items():
             load = os.getloadavg()[0]
-            seconds = stage(root, "train", *SEARCH, *overrides)
+            seconds, cpu = stage(root, "train", *SEARCH, *overrides)
             name = overrides[0].split("=", 1)[1]
-            figures[side] = {"seconds": seconds, "load": load, **study_figures(root, name)}
+            found = study_figures(root, name)
+            figures[side] = {"seconds": seconds, "cpu": cpu, "load": load, **found}
     label = f"search asl_cnn on mnist_demo, {TRIALS} trials x {EPOCHS} epochs, TPE seed 42"
     out = []
     for side, found in figures.items():
@@ -92,6 +99,7 @@ def rows() -> list:
                 f"{label}, {side}",
                 [
                     Measure("", found["seconds"], "s", note=f"load average {found['load']:.1f}"),
+                    Measure("CPU", found["cpu"], "s", digits=0),
                     Measure("best val/accuracy", found["best"], "", digits=4),
                     Measure(
                         "epochs trained", found["epochs"], "", note=f"{found['pruned']} pruned"
@@ -105,6 +113,7 @@ def rows() -> list:
             "search pruned / unpruned",
             [
                 Measure("time", pruned["seconds"] / full["seconds"], "", digits=2),
+                Measure("CPU", pruned["cpu"] / full["cpu"], "", digits=2),
                 Measure("epochs", pruned["epochs"] / full["epochs"], "", digits=2),
                 Measure(
                     "best val/accuracy",

@@ -110,6 +110,17 @@ def test_search_config_stores_the_study_beside_mlflow():
         "model.dense_units",
     }
     assert cfg.optimized_metric == "best/val/accuracy" and cfg.hydra.mode.name == "MULTIRUN"
+    assert cfg.hydra.sweeper.pruner._target_ == "optuna.pruners.MedianPruner"
+
+    with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
+        gap = compose(
+            "config",
+            ["experiment=asl_cnn_aug", "+hparams_search=asl_cnn_gap_optuna"],
+            return_hydra_config=True,
+        )
+    assert gap.optimized_metric == "best_epoch/gap/accuracy" and gap.sweep.goal == "min"
+    assert gap.sweep.floor.metric == "best/val/accuracy" and gap.sweep.floor.min == 0.9
+    assert gap.hydra.sweeper.pruner._target_ == "optuna.pruners.NopPruner"
 
 
 def test_pruning_callback_stops_training_on_the_pruners_word():
