@@ -55,7 +55,8 @@ def dvc(root: Path, *args: str, check: bool = True) -> subprocess.CompletedProce
 
 
 def overrides_of(run: dict) -> list[str]:
-    """The run's Hydra overrides, without those reproduce sets itself (outputs, registration)."""
+    """The run's Hydra overrides, without those reproduce sets itself (outputs, registration)
+    or that tie a job to its search (`sweep.trial`)."""
     recorded = run["tags"].get("hydra.overrides")
     if recorded is None:
         raise UserError(
@@ -63,7 +64,8 @@ def overrides_of(run: dict) -> list[str]:
             "(a test, a notebook) or before dlilabs recorded them; re-run it from its "
             "config.yaml artifact by hand"
         )
-    keys = ("paths.", "tracking.register_models")
+    # A reproduction is no Optuna trial: without sweep.trial it reports to no study.
+    keys = ("paths.", "tracking.register_models", "sweep.trial")
     return [o for o in json.loads(recorded) if not o.split("=", 1)[0].lstrip("+~").startswith(keys)]
 
 

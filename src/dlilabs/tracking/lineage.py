@@ -187,23 +187,28 @@ def log_datasets(cfg: DictConfig) -> None:
         retry_if_locked(mlflow.log_input, mlflow_dataset(cfg, split), context=context)
 
 
-def log_eval_datasets(client, run_id: str, cfg: DictConfig) -> bool:
+def log_eval_datasets(client, run_id: str, cfg: DictConfig) -> bool | None:
     """Log the splits evaluate scored as inputs of `run_id` (context `evaluation`, through
     `client`: the run's status is untouched) and tag `eval.data.same`. Returns True when they
-    are the data the run trained and validated on."""
-    from mlflow.entities import DatasetInput, InputTag
+    are the data the run trained and validated on, None when the run logged none (older)."""
+    from mlflow.entities import Dataset, DatasetInput, InputTag
 
     from dlilabs.tracking.store import retry_if_locked
 
-    trained = {d["name"]: d["digest"] for d in run_datasets(client.get_run(run_id))}
-    inputs, same = [], bool(trained)
+    trained = {
+        d["name"]: d["digest"]
+        for d in run_datasets(client.get_run(run_id))
+        if d["context"] in CONTEXTS.values()
+    }
+    inputs, same = [], bool(trained) or None
     for split in CONTEXTS:
         dataset = mlflow_dataset(cfg, split)
         same = same and trained.get(dataset.name) == dataset.digest
         tags = [InputTag("mlflow.data.context", EVALUATION)]
-        inputs.append(DatasetInput(dataset._to_mlflow_entity(), tags))
+        inputs.append(DatasetInput(Dataset(**dataset.to_dict()), tags))
     retry_if_locked(client.log_inputs, run_id, datasets=inputs)
-    retry_if_locked(client.set_tag, run_id, "eval.data.same", str(same).lower())
+    verdict = "unknown" if same is None else str(same).lower()
+    retry_if_locked(client.set_tag, run_id, "eval.data.same", verdict)
     return same
 
 
