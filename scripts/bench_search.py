@@ -84,6 +84,9 @@ def rows() -> list:
         shutil.copytree(REPO / "conf", root / "conf")
         stage(root, "download", "dataset=mnist_demo")
         stage(root, "preprocess", "dataset=mnist_demo")
+        # One short search first: the stores' creation and cold caches are nobody's cost.
+        warm_up = ["hydra.sweeper.n_trials=1", "trainer.epochs=1", "hydra.sweeper.study_name=warm"]
+        stage(root, "train", *SEARCH, *warm_up)
         figures = {}
         for side, overrides in SIDES.items():
             load = os.getloadavg()[0]
