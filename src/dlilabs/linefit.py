@@ -69,9 +69,10 @@ def fit_line_lab(cfg: DictConfig) -> dict:
     y = np.asarray(cfg.dataset.y, dtype=np.float64)
     floor = least_squares(x, y)
     experiment_id = tracking.connect(cfg.tracking)
-    tags = tracking.run_tags(cfg, "line_fit", {"device": "cpu", "task": "regression"})
+    extra = {"device": "cpu", "task": "regression", **tracking.lineage_tags(cfg)}
+    tags = tracking.run_tags(cfg, "line_fit", extra)
     sweep_tags, run_name = tracking.child_tags_and_name(cfg.lab, tracking.job_overrides())
-    with tracking.lab_run(run_name, {**tags, **sweep_tags}) as run:
+    with tracking.lab_run(run_name, {**tags, **sweep_tags}, tracking_cfg=cfg.tracking) as run:
         tracking.log_config(cfg)
         model, rows, fitted = fit_line(x, y, cfg.trainer)
         metrics = {
