@@ -8,6 +8,9 @@
     cards       a model card for every registered version
     query       finding finished lab runs (dlilabs.compare)
     sweep       Hydra multirun as one parent run with a child per job
+    resume      re-running a stopped sweep runs only what it had not finished
+    search      Optuna as a Hydra sweeper (hydra/sweeper=optuna), its study in a store
+    trial       a search job's side: its reopened trial, pruning, its objective
     server      the team server: PostgreSQL + `mlflow server`
 
 The names below are what the stages use. They load lazily, on first use, so that a stage
