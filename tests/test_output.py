@@ -72,3 +72,7 @@ def test_train_and_evaluate_print_no_start_up_noise(project, tiny_mnist):
     device_lines = [line for line in train.splitlines() if "Device:" in line]
     assert len(device_lines) == 1 and "Device: CPU" in device_lines[0]
     assert "[WARNING]" not in train  # a healthy CPU run warns about nothing
+    # No progress bars drawn by MLflow's checks of the logged model, nor its schema chatter.
+    assert "\x1b[" not in train and "1/1" not in train, train
+    assert "Creating initial MLflow database tables" not in train
+    assert "E0000" not in train + evaluate, train + evaluate

@@ -165,18 +165,31 @@ def log_keras_model(model: keras.Model, sample_inputs: np.ndarray, registered_na
     from mlflow.models import Model, infer_signature
 
     signature = infer_signature(sample_inputs, model.predict(sample_inputs, verbose=0))
-    return Model.log(
-        artifact_path=None,
-        name="model",
-        flavor=_KERAS_FLAVOR,
-        model=model,
-        signature=signature,
-        input_example=sample_inputs,
-        registered_model_name=registered_name,
-        # Listing them skips MLflow's requirement inference, which reloads the model in a
-        # subprocess (another TensorFlow import) for a list we already know.
-        pip_requirements=[f"tensorflow=={tf.__version__}", f"keras=={keras.__version__}"],
-    )
+    # MLflow checks the input example with its own predict() calls, each of which would draw
+    # a Keras progress bar in the stage's output: nothing a user needs.
+    # (Non-interactive, Keras sends them to absl's logger instead: quiet that one meanwhile.)
+    interactive = keras.config.is_interactive_logging_enabled()
+    absl_logger = logging.getLogger("absl")
+    absl_level = absl_logger.level
+    keras.config.disable_interactive_logging()
+    absl_logger.setLevel(logging.WARNING)
+    try:
+        return Model.log(
+            artifact_path=None,
+            name="model",
+            flavor=_KERAS_FLAVOR,
+            model=model,
+            signature=signature,
+            input_example=sample_inputs,
+            registered_model_name=registered_name,
+            # Listing them skips MLflow's requirement inference, which reloads the model in a
+            # subprocess (another TensorFlow import) for a list we already know.
+            pip_requirements=[f"tensorflow=={tf.__version__}", f"keras=={keras.__version__}"],
+        )
+    finally:
+        absl_logger.setLevel(absl_level)
+        if interactive:
+            keras.config.enable_interactive_logging()
 
 
 def _interrupt(signum, frame):
