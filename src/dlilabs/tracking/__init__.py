@@ -1,7 +1,9 @@
 """Everything that talks to MLflow or to a store, in one package.
 
-    store       connect to the store (SQLite or a tracking server), survive it going away
+    store       connect to the store (SQLite or a tracking server) under a lock, survive it
+                going away
     runs        a lab run: tags, params, per-epoch metrics, the logged model, its lifecycle
+    reconcile   runs' owners and heartbeats; ending runs whose process is gone
     evaluation  what evaluate records in the train run, without touching its status
     registry    the `champion` alias; loading registered models
     lineage     datasets as MLflow inputs tied to DVC, the tags `reproduce` replays
@@ -11,7 +13,8 @@
     resume      re-running a stopped sweep runs only what it had not finished
     search      Optuna as a Hydra sweeper (hydra/sweeper=optuna), its study in a store
     trial       a search job's side: its reopened trial, pruning, its objective
-    server      the team server: PostgreSQL + `mlflow server`
+    server      the team server: `mlflow server` (optionally with its login) over...
+    postgres    ...a password-protected PostgreSQL cluster in the same folder
 
 The names below are what the stages use. They load lazily, on first use, so that a stage
 which never logs (download, preprocess) does not pay for importing MLflow and Keras.
