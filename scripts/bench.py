@@ -62,6 +62,8 @@ class Row:
         return all(measure.met for measure in self.measures)
 
     def __str__(self) -> str:
+        if not self.measures:  # a heading, e.g. the device
+            return self.label
         text = f"{self.label}: " + self.separator.join(map(str, self.measures))
         return text if self.met else text + "  <-- TARGET MISSED"
 
@@ -202,23 +204,34 @@ def bench_preprocess() -> list[Row]:
 
 # ---------------------------------------------------------------- train
 
-# One child per comparison builds a model per side (same architecture, same seed) and, round
-# after round, fits each side in turn for FIT_EPOCHS epochs and times every epoch but the 1st,
-# which absorbs tracing and Keras' per-fit set-up (numpy -> tensors, the validation iterator)
-# that real 5-20 epoch runs pay once. An epoch's time is training plus validation. The sides
-# share the process, so they share thread pools and settings, and the order rotates every
-# round so load from other processes hits each side alike. Each side's figure is the median of
-# its timed epochs. Another busy process halves the speed of TensorFlow's 2 threads on 2 cores,
-# so the child also measures, per epoch, the CPU other processes used (/proc/stat): epochs
-# during which they used more than CLEAN_CORES are left out while each side keeps 2 clean
-# ones, else all count and the row says the run was disturbed.
-# A CNN epoch takes 30-40 s on 2 cores, so the CNN sides time a quarter epoch: 215 training + 56
-# validation steps (ASL has 858 + 225 batches), the same for every side; FIT_EPOCHS such
-# epochs stay inside the first pass over the data.
-PIPELINE_RATIO, AUGMENTED_RATIO = 1.05, 1.15
+# Each comparison runs in one child, which builds a model per side (same architecture, same
+# seed) and, round after round, fits each side in turn for FIT_EPOCHS epochs and times every
+# epoch but the 1st, which absorbs tracing and Keras' per-fit set-up (numpy -> tensors, the
+# validation iterator) that real 5-20 epoch runs pay once. An epoch's time is training plus
+# validation; a side's figure is the median over its timed epochs of the time per training
+# step (validation included), and the order of the sides rotates every round so load from
+# other processes hits each side alike. The sides:
+#   pipeline   what `python -m dlilabs.train` does: uint8 arrays into make_dataset, compiled
+#              from conf/trainer (steps_per_execution), augmentation where trainer.augment_on
+#              puts it on this device (the input pipeline on a CPU, the model on a GPU)
+#   notebook   the course's own code: float64 `x / 255`, keras.utils.to_categorical,
+#              model.fit(x, y, epochs, validation_data=(x_val, y_val)); the CNN labs reshape
+#              to (n, 28, 28, 1); lab 4 feeds model.fit from the legacy ImageDataGenerator
+#              with the course's settings (rotation 10, zoom 0.1, shifts 0.1, horizontal flip)
+#   plain      the same on float32 arrays (a reference: what the float64 costs)
+# Another busy process halves the speed of TensorFlow's 2 threads on 2 cores, so the child
+# also measures, per epoch, the CPU other processes used (/proc/stat): epochs during which
+# they used more than CLEAN_CORES are left out while each side keeps 2 clean ones, else all
+# count and the row says the run was disturbed.
+# Every side fits full epochs. A CNN epoch takes 25-40 s on 2 cores, so the CNN sides train on
+# a quarter of ASL's rows (215 training + 56 validation batches of 32; ASL has 858 + 225), and
+# the lab 3 row scales that to a full epoch. (Not `steps_per_epoch` on the full arrays: with
+# arrays, Keras then spends seconds between epochs, and the notebooks never do that.)
+NOTEBOOK_RATIO = 1.0  # pipeline / notebook, every lab
+CNN_EPOCH_SECONDS = 25.0  # lab 3's full epoch, the worst timed one: <= 3x the ~8 s floor
 MNIST_ROWS, ASL_SPLIT_ROWS = (60_000, 10_000), tuple(ASL_ROWS.values())
 FIT_EPOCHS, CLEAN_CORES = 3, 0.25
-CNN_STEPS = (215, 56)  # (steps_per_epoch, validation_steps): a quarter of an ASL epoch
+CNN_ROWS = (215 * 32, 56 * 32)  # a quarter of ASL's rows, in whole batches
 
 TRAIN_CHILD = """
 import os
@@ -228,37 +241,56 @@ import keras
 import numpy as np
 
 from dlilabs.config import compose
-from dlilabs.data import build_augmenter, make_dataset
-from dlilabs.models import build_model
+from dlilabs.data import augment_in_model, build_augmenter, make_dataset, with_augmenter
+from dlilabs.device import select_device
 from dlilabs.fitting import make_optimizer
+from dlilabs.models import build_model
 
 spec = json.loads(sys.argv[1])
 cfg = compose([f"model={spec['model']}", "augment=dli"])
 trainer, classes = cfg.trainer, spec["classes"]
+device = select_device(trainer.device, memory_growth=trainer.memory_growth)
 keras.utils.set_random_seed(trainer.seed)
 rng = np.random.default_rng(0)
 x, x_val = (rng.integers(0, 256, (rows, 28, 28), dtype=np.uint8) for rows in spec["rows"])
 y, y_val = (rng.integers(0, classes, rows) for rows in spec["rows"])
+# The course reshapes the CNN labs' images to (n, 28, 28, 1); build_cnn takes either shape.
+shape = (28, 28, 1) if spec["model"] == "cnn" else (28, 28)
 
 
-def pipeline_side(augmenter):
-    # What dlilabs.train does: uint8 arrays into make_dataset, compiled from the trainer group.
+def pipeline_side(augment):
+    # What dlilabs.train does, settings from conf/trainer.
     model = build_model(cfg.model, x.shape[1:], classes)
     model.compile(optimizer=make_optimizer(trainer.optimizer, trainer.learning_rate),
-                  loss=trainer.loss, metrics=["accuracy"])
+                  loss=trainer.loss, metrics=["accuracy"],
+                  steps_per_execution=trainer.steps_per_execution)
+    augmenter = build_augmenter(cfg.augment, trainer.seed) if augment else None
+    in_model = augmenter is not None and augment_in_model(trainer.augment_on, device["device"])
     train = make_dataset(x, y, classes, trainer.batch_size, shuffle=True, seed=trainer.seed,
-                         augmenter=augmenter, shuffle_buffer=trainer.shuffle_buffer)
+                         augmenter=None if in_model else augmenter,
+                         shuffle_buffer=trainer.shuffle_buffer)
     val = make_dataset(x_val, y_val, classes, trainer.batch_size)
-    return model, (train,), {"validation_data": val, "shuffle": False}
+    fitted = with_augmenter(model, augmenter) if in_model else model
+    return fitted, (train,), {"validation_data": val, "shuffle": False}
 
 
-def plain_side():
-    # The course: float32 pixels / 255 and one-hot labels as numpy arrays, Keras' defaults.
-    model = build_model(cfg.model, x.shape[1:], classes)
-    model.compile(loss="categorical_crossentropy", metrics=["accuracy"])  # RMSprop 1e-3
-    scaled = (x.astype(np.float32) / 255, keras.utils.to_categorical(y, classes))
-    val = (x_val.astype(np.float32) / 255, keras.utils.to_categorical(y_val, classes))
-    return model, scaled, {"validation_data": val, "batch_size": 32}
+def notebook_side(dtype=np.float64, augment=False):
+    # The course: no optimizer given (RMSprop 1e-3), `/ 255` (float64), to_categorical.
+    model = build_model(cfg.model, shape, classes)
+    model.compile(loss="categorical_crossentropy", metrics=["accuracy"])
+    images = (x / 255).astype(dtype, copy=False).reshape(-1, *shape)
+    labels = keras.utils.to_categorical(y, classes)
+    val = ((x_val / 255).astype(dtype, copy=False).reshape(-1, *shape),
+           keras.utils.to_categorical(y_val, classes))
+    if not augment:
+        return model, (images, labels), {"validation_data": val}
+    from keras.src.legacy.preprocessing.image import ImageDataGenerator
+
+    datagen = ImageDataGenerator(rotation_range=10, zoom_range=0.1, width_shift_range=0.1,
+                                 height_shift_range=0.1, horizontal_flip=True,
+                                 vertical_flip=False)
+    datagen.fit(images)
+    return model, (datagen.flow(images, labels, batch_size=32),), {"validation_data": val}
 
 
 def busy_seconds():
@@ -289,36 +321,63 @@ class EpochTimer(keras.callbacks.Callback):
             self.epochs.append([seconds, others])
 
 
-builders = {"pipeline": lambda: pipeline_side(None), "plain": plain_side,
-            "augmented": lambda: pipeline_side(build_augmenter(cfg.augment, trainer.seed))}
+builders = {
+    "pipeline": lambda: pipeline_side(False),
+    "augmented": lambda: pipeline_side(True),
+    "notebook": notebook_side,
+    "notebook_augmented": lambda: notebook_side(augment=True),
+    "plain": lambda: notebook_side(np.float32),
+}
 sides = {name: builders[name]() for name in spec["sides"]}
-steps, val_steps = spec["steps"] or (None, None)
 epochs = {name: [] for name in sides}
 for round_ in range(spec["rounds"]):
     names = list(sides)[round_ % len(sides):] + list(sides)[:round_ % len(sides)]
     for name in names:
         model, args, kwargs = sides[name]
         timer = EpochTimer()
-        model.fit(*args, **kwargs, epochs=spec["epochs"], steps_per_epoch=steps,
-                  validation_steps=val_steps, callbacks=[timer], verbose=0)
+        model.fit(*args, **kwargs, epochs=spec["epochs"], callbacks=[timer], verbose=0)
         epochs[name] += timer.epochs
-print(json.dumps({"epochs": epochs}))
+print(json.dumps({"epochs": epochs, "device": device}))
 """
 
 SIDE_NAMES = {
     "pipeline": "pipeline",
-    "plain": "plain model.fit",
     "augmented": "augmented pipeline",
+    "notebook": "notebook",
+    "notebook_augmented": "notebook ImageDataGenerator",
+    "plain": "float32 model.fit",
 }
 
 
 @dataclass(frozen=True)
 class Comparison:
-    """One child's timed epochs: per side, the median of the clean ones (see above)."""
+    """One child's timed epochs: per side, ms per training step (validation included), the
+    median and the worst of the clean epochs (see above)."""
 
-    seconds: dict[str, float]
+    step_ms: dict[str, float]  # median
+    worst_ms: dict[str, float]
+    steps: int  # training steps per timed epoch
     counted: int  # epochs per side the medians are over
     disturbed: float  # the most cores other processes used in a counted epoch
+    device: dict = field(default_factory=dict)
+
+    @classmethod
+    def from_epochs(
+        cls, epochs: dict[str, list[list[float]]], steps: int, device: dict | None = None
+    ) -> Comparison:
+        """`epochs`: per side, [wall seconds, cores other processes used] per timed epoch."""
+        kept = {name: [e for e in runs if e[1] <= CLEAN_CORES] for name, runs in epochs.items()}
+        if min(map(len, kept.values())) < 2:
+            kept = epochs
+        per_step = {name: [1000 * e[0] / steps for e in runs] for name, runs in kept.items()}
+        return cls(
+            {name: statistics.median(times) for name, times in per_step.items()},
+            {name: max(times) for name, times in per_step.items()},
+            steps,
+            min(map(len, kept.values())),
+            max(others for runs in kept.values() for _, others in runs),
+            device or {},
+        )
 
     @classmethod
     def run(
@@ -328,11 +387,7 @@ class Comparison:
         classes: int,
         sides: list[str],
         rounds: int,
-        steps: tuple[int, int] | None = None,
     ) -> Comparison:
-        if steps:  # every fit must stay inside the first pass over the data
-            batches = [-(-count // 32) for count in rows]
-            assert all(FIT_EPOCHS * n <= total for n, total in zip(steps, batches, strict=True))
         spec = {
             "model": model,
             "rows": rows,
@@ -340,63 +395,87 @@ class Comparison:
             "sides": sides,
             "rounds": rounds,
             "epochs": FIT_EPOCHS,
-            "steps": steps,
         }
-        epochs = run_child(TRAIN_CHILD, json.dumps(spec))["epochs"]
-        kept = {
-            name: [run for run in runs if run[1] <= CLEAN_CORES] for name, runs in epochs.items()
-        }
-        if min(map(len, kept.values())) < 2:
-            kept = epochs
-        return cls(
-            {
-                name: statistics.median(seconds for seconds, _ in runs)
-                for name, runs in kept.items()
-            },
-            min(map(len, kept.values())),
-            max(others for runs in kept.values() for _, others in runs),
-        )
+        result = run_child(TRAIN_CHILD, json.dumps(spec))
+        return cls.from_epochs(result["epochs"], -(-rows[0] // 32), result["device"])
 
-    def row(self, label: str, top: str, bottom: str, target: float, note: str = "") -> Row:
-        """`top` over `bottom`: `a s/epoch vs b s/epoch -> ratio a/b (target <= t; ...)`."""
+    def notes(self, note: str = "") -> str:
         notes = [note] if note else []
         notes.append(f"medians of >= {self.counted} later epochs per side, rotating order")
         notes.append(f"other processes used <= {self.disturbed:.2f} cores")
         if self.disturbed > CLEAN_CORES:
             notes.append("DISTURBED: re-run on an idle machine")
-        a, b = self.seconds[top], self.seconds[bottom]
+        return "; ".join(notes)
+
+    def row(self, label: str, top: str, bottom: str, target: float | None, note: str = "") -> Row:
+        """`top` over `bottom`: `a ms/step vs b ms/step -> ratio a/b (target <= t; ...)`."""
+        a, b = self.step_ms[top], self.step_ms[bottom]
         return Row(
             label,
             [
-                Measure(SIDE_NAMES[top], a, "s/epoch", digits=1),
-                Measure(f"vs {SIDE_NAMES[bottom]}", b, "s/epoch", digits=1),
-                Measure("-> ratio", a / b, "", target, "; ".join(notes), digits=2),
+                Measure(SIDE_NAMES[top], a, "ms/step", digits=1),
+                Measure(f"vs {SIDE_NAMES[bottom]}", b, "ms/step", digits=1),
+                Measure("-> ratio", a / b, "", target, self.notes(note), digits=2),
             ],
             separator=" ",
         )
 
 
+def device_row(device: dict) -> Row:
+    """What the comparisons ran on: the GPU's name, else the CPU's model and cores."""
+    import os
+
+    if device.get("device") == "gpu":
+        text = f"GPU {device['device_name']} ({device['precision']})"
+    else:
+        model = "CPU"
+        try:
+            with open("/proc/cpuinfo") as cpuinfo:
+                model = next(line.split(":", 1)[1].strip() for line in cpuinfo
+                             if line.startswith("model name"))  # fmt: skip
+        except (OSError, StopIteration):
+            pass
+        text = f"CPU {model}, {len(os.sched_getaffinity(0))} cores"
+    return Row(f"train device: {text}")
+
+
 def bench_train() -> list[Row]:
-    """Epoch time of the tf.data pipeline over the course's plain `model.fit` on numpy arrays
-    (labs 1-3), and of Lab 4's augmented pipeline over Lab 3's plain fit, on random data of the
-    real shapes."""
-    lab1 = Comparison.run("mlp", MNIST_ROWS, 10, ["pipeline", "plain"], rounds=2)
-    lab2 = Comparison.run("mlp", ASL_SPLIT_ROWS, 24, ["pipeline", "plain"], rounds=4)
-    cnn = Comparison.run(
-        "cnn", ASL_SPLIT_ROWS, 24, ["pipeline", "plain", "augmented"], rounds=3, steps=CNN_STEPS
-    )
-    quarter = f" ({CNN_STEPS[0]} train + {CNN_STEPS[1]} val steps: a quarter epoch)"
-    unaugmented = cnn.seconds["augmented"] / cnn.seconds["pipeline"]
+    """Time per training step of the pipeline over the course notebooks' own code, on random
+    data of the real shapes, per lab; lab 3's full epoch against its goal."""
+    lab1 = Comparison.run("mlp", MNIST_ROWS, 10, ["pipeline", "notebook", "plain"], rounds=2)
+    lab2 = Comparison.run("mlp", ASL_SPLIT_ROWS, 24, ["pipeline", "notebook", "plain"], rounds=3)
+    cnn_sides = ["pipeline", "notebook", "augmented", "notebook_augmented"]
+    cnn = Comparison.run("cnn", CNN_ROWS, 24, cnn_sides, rounds=3)
+    quarter = f" ({CNN_ROWS[0] // 32} train + {CNN_ROWS[1] // 32} val steps: a quarter epoch)"
+    full = -(-ASL_SPLIT_ROWS[0] // 32) / 1000  # ms/step -> s per full ASL epoch
+    unaugmented = cnn.step_ms["augmented"] / cnn.step_ms["pipeline"]
     return [
-        lab1.row("train lab1 mlp mnist-shape", "pipeline", "plain", PIPELINE_RATIO),
-        lab2.row("train lab2 mlp asl-shape", "pipeline", "plain", PIPELINE_RATIO),
-        cnn.row("train lab3 cnn asl-shape" + quarter, "pipeline", "plain", PIPELINE_RATIO),
+        device_row(cnn.device),
+        lab1.row("train lab1 mlp mnist-shape", "pipeline", "notebook", NOTEBOOK_RATIO),
+        lab1.row("train lab1 (reference)", "pipeline", "plain", None),
+        lab2.row("train lab2 mlp asl-shape", "pipeline", "notebook", NOTEBOOK_RATIO),
+        lab2.row("train lab2 (reference)", "pipeline", "plain", None),
+        cnn.row("train lab3 cnn asl-shape" + quarter, "pipeline", "notebook", NOTEBOOK_RATIO),
         cnn.row(
-            "train lab4 augmented vs plain cnn asl-shape" + quarter,
+            "train lab4 augmented cnn asl-shape" + quarter,
             "augmented",
-            "plain",
-            AUGMENTED_RATIO,
+            "notebook_augmented",
+            NOTEBOOK_RATIO,
             f"augmented/unaugmented pipeline {unaugmented:.2f}",
+        ),
+        Row(
+            "train lab3 cnn full asl epoch (858 + 225 steps, from the quarter epochs)",
+            [
+                Measure("median", cnn.step_ms["pipeline"] * full, "s", digits=1),
+                Measure(
+                    "worst",
+                    cnn.worst_ms["pipeline"] * full,
+                    "s",
+                    CNN_EPOCH_SECONDS,
+                    f"notebook median {cnn.step_ms['notebook'] * full:.1f} s; {cnn.notes()}",
+                    digits=1,
+                ),
+            ],
         ),
     ]
 

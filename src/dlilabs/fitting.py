@@ -119,15 +119,25 @@ def fit(
     epochs: int,
     monitor: str,
     callbacks: list | None = None,
+    augmenter: keras.Sequential | None = None,
 ) -> tuple[list[dict[str, float]], int]:
     """Fit a compiled model on tf.data batches, with `callbacks` (e.g. an MLflow logger);
-    leave the best epoch's weights in `model`. Returns (history rows, best epoch, 1-based)."""
+    leave the best epoch's weights in `model`. Returns (history rows, best epoch, 1-based).
+
+    `augmenter` (dlilabs.data.build_augmenter) runs inside the training step, on the model's
+    device (a GPU's, see data.augment_in_model), in front of the model; `model` itself, the
+    one to save, stays without it. None when the input pipeline augments, or nothing does."""
     history = EpochHistory()
     best = KeepBestWeights(monitor)
     # One line per epoch when logs go to a file (DVC, SLURM); a live bar in a terminal.
     verbose = 1 if sys.stdout.isatty() else 2
+    trained = model
+    if augmenter is not None:
+        from dlilabs.data import with_augmenter
+
+        trained = with_augmenter(model, augmenter)
     # shuffle=False: the tf.data pipeline already reshuffles every epoch.
-    model.fit(
+    trained.fit(
         train_data,
         validation_data=val_data,
         epochs=epochs,
@@ -135,7 +145,7 @@ def fit(
         callbacks=[*(callbacks or []), history, best],
         verbose=verbose,
     )
-    best.restore()
+    best.restore()  # the wrapper shares the model's layers: this restores the model's weights
     return history.rows, best.best_epoch or len(history.rows)
 
 

@@ -67,6 +67,7 @@ MONITORS = {
     "regression": ("loss",),
 }
 DEVICES = ("gpu", "cpu")
+AUGMENT_ON = ("auto", "pipeline", "model")  # where augmentation runs (dlilabs.data)
 KerasKnows = Callable[[str, str], bool]  # ("optimizer" | "loss", name) -> Keras has it
 
 
@@ -88,6 +89,8 @@ class TrainerConfig:
     memory_growth: bool = MISSING
     mixed_precision: bool = MISSING
     monitor: str = MISSING
+    steps_per_execution: int = MISSING
+    augment_on: str = MISSING
 
 
 @dataclass
@@ -200,6 +203,8 @@ def check_trainer(
     ):
         _refuse("trainer.threads", threads, "use auto, null or a whole number >= 1")
     _one_of("trainer.device", trainer.device, DEVICES)
+    _at_least("trainer.steps_per_execution", trainer.steps_per_execution, 1)
+    _one_of("trainer.augment_on", trainer.augment_on, AUGMENT_ON)
     monitors = MONITORS.get(task, MONITORS["classification"])
     _one_of(
         "trainer.monitor", trainer.monitor, monitors, f"the {task} labs log only these metrics: "

@@ -23,7 +23,7 @@ log = logging.getLogger("dlilabs.train")
 
 def train_lab(cfg: DictConfig) -> dict:
     """Train the image lab `cfg` describes; returns the run summary also written to run.json."""
-    from dlilabs.data import build_augmenter, load_split, make_dataset
+    from dlilabs.data import augment_in_model, build_augmenter, load_split, make_dataset
     from dlilabs.device import configure_threads, select_device
     from dlilabs.models import build_model
 
@@ -38,6 +38,9 @@ def train_lab(cfg: DictConfig) -> dict:
     x_train, y_train = load_split(prepared / "train.npz")
     x_val, y_val = load_split(prepared / "val.npz")
     num_classes = cfg.dataset.num_classes
+    augmenter = build_augmenter(cfg.augment, trainer.seed)
+    # On a GPU the augmentation runs inside the training step, on the device (README "Speed").
+    in_model = augment_in_model(trainer.augment_on, device["device"])
     train_data = make_dataset(
         x_train,
         y_train,
@@ -45,7 +48,7 @@ def train_lab(cfg: DictConfig) -> dict:
         trainer.batch_size,
         shuffle=True,
         seed=trainer.seed,
-        augmenter=build_augmenter(cfg.augment, trainer.seed),
+        augmenter=None if in_model else augmenter,
         shuffle_buffer=trainer.shuffle_buffer,
     )
     val_data = make_dataset(x_val, y_val, num_classes, trainer.batch_size)
@@ -55,6 +58,7 @@ def train_lab(cfg: DictConfig) -> dict:
         optimizer=make_optimizer(trainer.optimizer, trainer.learning_rate),
         loss=trainer.loss,
         metrics=["accuracy"],
+        steps_per_execution=trainer.steps_per_execution,
     )
 
     experiment_id = tracking.connect(cfg.tracking)
@@ -84,7 +88,13 @@ def train_lab(cfg: DictConfig) -> dict:
         callbacks = [epoch_logger, *tracking.search_callbacks(cfg)]
         try:
             rows, best_epoch = fit(
-                model, train_data, val_data, trainer.epochs, trainer.monitor, callbacks
+                model,
+                train_data,
+                val_data,
+                trainer.epochs,
+                trainer.monitor,
+                callbacks,
+                augmenter=augmenter if in_model else None,
             )
         finally:
             epoch_logger.flush()  # epochs done so far reach MLflow even if training stops early
