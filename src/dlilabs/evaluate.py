@@ -16,17 +16,19 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import keras
 import numpy as np
 import pandas as pd
 from omegaconf import DictConfig
-from sklearn.metrics import confusion_matrix
 
 from dlilabs import tracking
 from dlilabs.cli import stage_main
 from dlilabs.errors import UserError
 from dlilabs.io import atomic_path, read_json, write_json
+
+if TYPE_CHECKING:
+    import keras
 
 log = logging.getLogger("dlilabs.evaluate")
 
@@ -40,6 +42,10 @@ def load_trained(model_dir: Path) -> tuple[keras.Model, dict]:
                 f"{required} does not exist: run the train stage first "
                 f"(`dvc repro train@{model_dir.name}`)"
             )
+    # Keras (and TensorFlow, ~3 s) and scikit-learn load when the stage needs them: `--help`
+    # and a config or missing-file error answer at once.
+    import keras
+
     return keras.saving.load_model(model_file, safe_mode=True), read_json(run_file)
 
 
@@ -86,6 +92,8 @@ def class_report(
 ) -> tuple[np.ndarray, dict[str, float]]:
     """Confusion matrix (classes, classes) with rows = actual, and accuracy per class name
     (recall; NaN-free: a class absent from `labels` gets 0.0)."""
+    from sklearn.metrics import confusion_matrix
+
     matrix = confusion_matrix(labels, predictions, labels=range(len(class_names)))
     totals = matrix.sum(axis=1)
     per_class = np.divide(matrix.diagonal(), totals, out=np.zeros(len(totals)), where=totals > 0)
