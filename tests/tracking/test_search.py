@@ -87,7 +87,7 @@ def test_storage_urls_lose_their_password():
     assert redacted("sqlite:////srv/p/optuna.db") == "sqlite:////srv/p/optuna.db"
 
 
-def test_search_config_stores_the_study_beside_mlflow():
+def test_search_config_stores_the_study_beside_mlflow(project):
     from hydra import compose, initialize_config_dir
 
     from dlilabs.config import config_dir
