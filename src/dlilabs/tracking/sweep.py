@@ -197,7 +197,7 @@ def finish_parent(parent: str, metric: str, goal: str, status: str) -> None:
     if best is not None:
         client.set_tag(parent, "best_child.run_id", best.info.run_id)
         client.set_tag(parent, "best_child.name", best.info.run_name)
-        for name in (metric, "final/gap/accuracy", "best/gap/accuracy", "gap/mse"):
+        for name in (metric, "final/gap/accuracy", "best_epoch/gap/accuracy", "gap/mse"):
             if name in best.data.metrics:
                 client.log_metric(parent, f"best_child/{name}", best.data.metrics[name])
         log.info("Sweep best: %s (%s %.4f)", best.info.run_name, metric, best.data.metrics[metric])
