@@ -20,7 +20,8 @@ from conftest import make_images, stage_env, write_prepared
 from dlilabs import tracking
 from dlilabs.config import compose
 from dlilabs.tracking.cards import card_markdown, verdict
-from dlilabs.tracking.lineage import arrays_sha256, run_datasets
+from dlilabs.tracking.dvcdata import arrays_sha256
+from dlilabs.tracking.lineage import run_datasets
 
 HIDDEN = 16  # Flatten -> Dense 16 -> Dense 10: 784*16 + 16 + 16*10 + 10 parameters
 TINY = ["experiment=mnist_mlp", f"model.hidden_units=[{HIDDEN}]", "trainer.epochs=2"]

@@ -7,6 +7,7 @@
     evaluation  what evaluate records in the train run, without touching its status
     registry    the `champion` alias; loading registered models
     lineage     datasets as MLflow inputs tied to DVC, the tags `reproduce` replays
+    dvcdata     what identifies a prepared split: content digest, DVC md5, dvc.lock state
     cards       a model card for every registered version
     query       finding finished lab runs (dlilabs.compare)
     sweep       Hydra multirun as one parent run with a child per job
@@ -44,7 +45,7 @@ _EXPORTS = {
     "update_card": "cards",
     "run_record": "lineage",
     "tag_run": "lineage",
-    "arrays_sha256": "lineage",
+    "arrays_sha256": "dvcdata",
     "child_tags_and_name": "sweep",
     "job_overrides": "sweep",
     "in_sweep": "sweep",

@@ -5,9 +5,10 @@ The train stage logs its prepared splits as MLflow dataset inputs (contexts `tra
 bytes: the same on every machine, unlike the .npz file, whose zip entries carry the time they
 were written), the tensor schema, the row count (the profile), and a `dvc` source naming the
 DVC-tracked path, the file's DVC md5 (its cache key) and whether `dvc.lock` agrees, and the
-raw download it came from. Evaluate logs what it scored the same way (context `evaluation`;
-the store keeps one input per dataset and run, so a new entry appears only if evaluate saw
-other data) and tags `eval.data.same`.
+raw download it came from (dlilabs.tracking.dvcdata reads those from the files and dvc.lock;
+this module is the MLflow side). Evaluate logs what it scored the same way (context
+`evaluation`; the store keeps one input per dataset and run, so a new entry appears only if
+evaluate saw other data) and tags `eval.data.same`.
 
 Tags from `lineage_tags`: `hydra.overrides` (the job's Hydra overrides, JSON: what
 `dlilabs.reproduce` replays), `git.changed` (tracked files changed since the commit),
@@ -18,7 +19,6 @@ Tags from `lineage_tags`: `hydra.overrides` (the job's Hydra overrides, JSON: wh
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import os
 import subprocess
@@ -26,107 +26,14 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import yaml
 from mlflow.data.dataset_source import DatasetSource
 from omegaconf import DictConfig
 
-DIGEST_CHARS = 32  # MLflow keeps at most 36 characters of a dataset digest
+from dlilabs.tracking.dvcdata import raw_verified, split_record
+
 REPRODUCES_ENV = "DLILABS_REPRODUCES"  # set by dlilabs.reproduce for the run it starts
 CONTEXTS = {"train": "training", "val": "validation"}
 EVALUATION = "evaluation"
-
-
-def arrays_sha256(path: str | os.PathLike) -> str:
-    """Hex sha256 of the arrays in an .npz file, by name: key, dtype, shape, then the C-order
-    bytes of each. Machine-independent, unlike the file's own bytes."""
-    digest = hashlib.sha256()
-    with np.load(path, allow_pickle=False) as data:
-        for key in sorted(data.files):
-            array = np.ascontiguousarray(data[key])
-            digest.update(f"{key}:{array.dtype.str}:{array.shape};".encode())
-            digest.update(memoryview(array).cast("B"))
-    return digest.hexdigest()
-
-
-def dvc_md5(path: str | os.PathLike, chunk_size: int = 1 << 20) -> str:
-    """A file's DVC 3 hash (`hash: md5` in dvc.lock): the md5 of its bytes, its cache key."""
-    digest = hashlib.md5(usedforsecurity=False)
-    with open(path, "rb") as stream:
-        while chunk := stream.read(chunk_size):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def locked_outputs(root: Path) -> dict[str, tuple[str, str]]:
-    """{output path: (stage, md5)} from `root`/dvc.lock ({} without one). During `dvc repro`
-    the lock holds every stage finished so far, so train sees preprocess's outputs."""
-    lock = root / "dvc.lock"
-    try:
-        stages = (yaml.safe_load(lock.read_text()) or {}).get("stages") or {}
-    except (OSError, yaml.YAMLError):
-        return {}
-    return {
-        str(out["path"]): (stage, str(out.get("md5", "")))
-        for stage, entry in stages.items()
-        for out in (entry or {}).get("outs") or []
-        if isinstance(out, dict) and "path" in out
-    }
-
-
-def relative(path: Path, root: Path) -> str:
-    """`path` relative to the project root when inside it (as DVC names it), else absolute."""
-    try:
-        return path.resolve().relative_to(root.resolve()).as_posix()
-    except ValueError:
-        return str(path.resolve())
-
-
-@dataclasses.dataclass
-class SplitRecord:
-    """What identifies one prepared split: where it is and what it holds."""
-
-    path: str  # relative to the project root, as dvc.yaml names it
-    sha256: str  # arrays_sha256
-    md5: str  # dvc_md5: the DVC cache key
-    dvc_lock: str  # "locked" (dvc.lock agrees), "modified" (it names another md5), "unlocked"
-    stage: str | None  # the DVC stage that writes it
-    raw: dict[str, Any]  # {"path", "md5" (or "unlocked"), "verified"} of the download
-
-    @property
-    def digest(self) -> str:
-        return self.sha256[:DIGEST_CHARS]
-
-
-def split_record(cfg: DictConfig, split: str) -> SplitRecord:
-    """The SplitRecord of `split` ("train" or "val") of the configured dataset."""
-    root = Path(cfg.paths.root)
-    file = Path(cfg.paths.prepared_dir) / f"{split}.npz"
-    locked = locked_outputs(root)
-    md5 = dvc_md5(file)
-    stage, locked_md5 = locked.get(relative(file, root), (None, None))
-    state = "unlocked" if locked_md5 is None else "locked" if locked_md5 == md5 else "modified"
-    raw_dir = Path(cfg.paths.raw_dir)
-    raw_stage = locked.get(relative(raw_dir, root))
-    return SplitRecord(
-        path=relative(file, root),
-        sha256=arrays_sha256(file),
-        md5=md5,
-        dvc_lock=state,
-        stage=stage,
-        raw={
-            "path": relative(raw_dir, root),
-            "md5": raw_stage[1] if raw_stage else "unlocked",
-            "verified": raw_verified(raw_dir),
-        },
-    )
-
-
-def raw_verified(raw_dir: Path) -> bool | None:
-    """provenance.json's `verified` for a raw dataset folder, None without one."""
-    try:
-        return bool(json.loads((raw_dir / "provenance.json").read_text())["verified"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
 
 
 class DvcSource(DatasetSource):
