@@ -16,6 +16,8 @@ MLflow run tagged `reproduces=<run id>` (outputs in a temporary folder: DVC's `m
 as they are; no model version is registered unless `--register`) and prints params and
 metrics side by side. Exit code 0 when every metric is exactly equal (cost metrics, `time/`,
 `memory/`, `system/`, aside), 1 when some differ.
+
+The checks and the worktree are dlilabs.checkout; this module replays, trains and compares.
 """
 
 from __future__ import annotations
@@ -24,34 +26,20 @@ import argparse
 import contextlib
 import json
 import os
-import shutil
 import subprocess
 import sys
 import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 
-import yaml
-
+from dlilabs.checkout import NOT_CODE, code_problems, data_problems, restore_data, worktree
 from dlilabs.config import project_root
 from dlilabs.errors import UserError
 
 COST = ("time/", "memory/", "system/")  # measured, not expected to match
-NOT_CODE = ("dvc.lock", ".dvc", ".gitignore")  # data pointers: the data is checked by content
 SWEEP_ENV = (
     "DLILABS_PARENT_RUN_ID", "DLILABS_SWEEP_KEYS", "DLILABS_SWEEP_RANK", "DLILABS_SEARCH_STUDY",
     "DVC_STAGE",
 )  # fmt: skip
-
-
-def git(root: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-    return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, check=check)
-
-
-def dvc(root: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "dvc", *args], cwd=root, capture_output=True, text=True, check=check
-    )
 
 
 def overrides_of(run: dict) -> list[str]:
@@ -67,96 +55,6 @@ def overrides_of(run: dict) -> list[str]:
     # A reproduction is no Optuna trial: without sweep.trial it reports to no study.
     keys = ("paths.", "tracking.register_models", "sweep.trial")
     return [o for o in json.loads(recorded) if not o.split("=", 1)[0].lstrip("+~").startswith(keys)]
-
-
-def code_problems(root: Path, commit: str) -> list[str]:
-    """Why the working tree at `root` is not the code of `commit` ([] when it is)."""
-    if git(root, "cat-file", "-e", f"{commit}^{{commit}}", check=False).returncode:
-        return [f"the run's commit {commit[:12]} is not in the git repository at {root}: fetch it"]
-    changed = [
-        name
-        for name in git(root, "diff", "--name-only", commit, "--", ".").stdout.split()
-        if not name.endswith(NOT_CODE)
-    ]
-    if not changed:
-        return []
-    head = git(root, "rev-parse", "HEAD").stdout.strip()[:12]
-    shown = ", ".join(changed[:5]) + (f" and {len(changed) - 5} more" if len(changed) > 5 else "")
-    return [
-        f"the working tree (commit {head}) is not the run's commit {commit[:12]}: {shown} "
-        f"differ{'s' if len(changed) == 1 else ''}; `git checkout {commit[:12]}`, or use --worktree"
-    ]
-
-
-def data_problems(root: Path, datasets: list[dict]) -> list[str]:
-    """Why the prepared splits at `root` are not the run's ([] when they are, by content)."""
-    from dlilabs.tracking import arrays_sha256
-
-    problems = []
-    for data in datasets:
-        file = root / data["path"]
-        if not file.is_file():
-            problems.append(
-                f"{data['path']} (the run's {data['name']}) is missing: `dvc pull` it, "
-                "or use --worktree"
-            )
-        elif (here := arrays_sha256(file)) != data["sha256"]:
-            problems.append(
-                f"{data['path']} holds other data than the run's {data['name']} (digest "
-                f"{here[:12]} here, {data['sha256'][:12]} in the run, DVC md5 {data['md5']}): "
-                "restore it (`dvc checkout` with the dvc.lock that names that md5), or use "
-                "--worktree"
-            )
-    return problems
-
-
-@contextlib.contextmanager
-def worktree(root: Path, commit: str) -> Iterator[Path]:
-    """A temporary git worktree of the repository at `root`, at `commit`; yields the folder
-    of the project inside it (the same path below the repository's top as `root`)."""
-    prefix = git(root, "rev-parse", "--show-prefix").stdout.strip()
-    folder = Path(tempfile.mkdtemp(prefix="dlilabs-reproduce-"))
-    tree = folder / "tree"
-    git(root, "worktree", "add", "--detach", "--quiet", str(tree), commit)
-    try:
-        yield tree / prefix
-    finally:
-        git(root, "worktree", "remove", "--force", str(tree), check=False)
-        shutil.rmtree(folder, ignore_errors=True)
-        git(root, "worktree", "prune", check=False)
-
-
-def restore_data(root: Path, tree: Path, datasets: list[dict]) -> None:
-    """Put each split of `datasets` at its path in `tree`, by its DVC md5: `dvc checkout` from
-    the project's DVC cache, else `dvc pull` from the remote (one .dvc file per split)."""
-    if not (tree / ".dvc").is_dir():
-        raise UserError(f"the run's commit has no .dvc folder at {tree.name}: not a DVC project")
-    local = root / ".dvc" / "config.local"  # remote credentials, if any
-    if local.is_file():
-        shutil.copy2(local, tree / ".dvc" / "config.local")
-    cache = dvc(root, "cache", "dir").stdout.strip()
-    dvc(tree, "cache", "dir", "--local", cache)
-    staging = tree / "reproduce-data"
-    staging.mkdir()
-    targets = []
-    for data in datasets:
-        name = f"{data['context']}.npz"
-        out = {"md5": data["md5"], "path": name, "hash": "md5"}
-        (staging / f"{name}.dvc").write_text(yaml.safe_dump({"outs": [out]}))
-        targets.append(f"reproduce-data/{name}.dvc")
-    result = dvc(tree, "checkout", "--quiet", *targets, check=False)
-    if result.returncode:
-        result = dvc(tree, "pull", "--quiet", *targets, check=False)
-    if result.returncode:
-        md5s = ", ".join(data["md5"] for data in datasets)
-        raise UserError(
-            f"the run's data (DVC md5 {md5s}) is neither in the DVC cache {cache} nor on a "
-            "DVC remote: `dvc push` it from a machine that has it"
-        )
-    for data in datasets:
-        target = tree / data["path"]
-        target.parent.mkdir(parents=True, exist_ok=True)
-        (staging / f"{data['context']}.npz").replace(target)
 
 
 def train(workdir: Path, overrides: list[str], env: dict[str, str]) -> dict:
