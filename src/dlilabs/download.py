@@ -139,12 +139,12 @@ def fetch_mirrors(cfg, names, accepted, staging: Path, give_up_after=GIVE_UP_AFT
 
     Returns ({name: record}, [each URL tried with its error])."""
     source = cfg.dataset.source
-    mirrors = list(source.get("mirrors") or [])
+    configured = list(source.get("mirrors") or [])
     budget, done, failures = Budget(give_up_after), {}, []
-    for index, mirror in enumerate(mirrors):
+    for index, mirror in enumerate(configured):
         if not (wanted := [name for name in names if name not in done]):
             break
-        budget.share = budget.total / (len(mirrors) - index)  # what is left, shared fairly
+        budget.share = budget.total / (len(configured) - index)  # what is left, shared fairly
         for url, targets, archive in _mirror_urls(mirror, wanted, accepted):
             try:
                 got, problems = _fetch(url, targets, archive, accepted, staging, source, budget)

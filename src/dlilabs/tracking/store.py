@@ -255,8 +255,9 @@ def _reason(error: BaseException) -> str:
 
 def tracking_user_error(error: BaseException, uri: str | None = None) -> UserError | None:
     """A UserError naming the tracking server if `error` (or an exception it was raised from
-    or while handling) is a failed HTTP request to it, or its refusal (401/403), else None. `uri` defaults to MLflow's
-    current tracking URI. Errors reaching other hosts (dataset downloads) are not matched."""
+    or while handling) is a failed HTTP request to it, or its refusal (401/403), else None.
+    `uri` defaults to MLflow's current tracking URI. Errors reaching other hosts (dataset
+    downloads) are not matched."""
     import mlflow
     import requests
 
