@@ -155,6 +155,7 @@ def test_augmentation_in_the_model_trains_the_model_and_leaves_validation_alone(
     # ... and the saved model has no augmentation layers; its validation loss is the model's
     # own on the plain images.
     assert all("augment" not in layer.name for layer in model.layers)
+    assert int(model.optimizer.iterations) == 10  # saved with the optimizer that trained it
     images, labels = make_images(300, 10)
     val = make_dataset(images[:64], labels[:64], 10, 32)
     model.compile(loss="categorical_crossentropy")

@@ -85,7 +85,9 @@ def with_augmenter(model: keras.Model, augmenter: keras.Sequential) -> keras.Mod
     if len(shape) != 3:
         augmented = keras.layers.Reshape(shape)(augmented)
     wrapper = keras.Model(inputs, model(augmented), name=f"{model.name}_{augmenter.name}")
-    wrapper.compile_from_config(model.get_compile_config())
+    # "auto": Keras keeps XLA off for the random image layers (on a GPU `model` alone had it
+    # on; passing that on would only earn a warning).
+    wrapper.compile_from_config({**model.get_compile_config(), "jit_compile": "auto"})
     return wrapper
 
 

@@ -146,6 +146,8 @@ def fit(
         verbose=verbose,
     )
     best.restore()  # the wrapper shares the model's layers: this restores the model's weights
+    if trained is not model:  # save the model with the optimizer that trained it
+        model.optimizer = trained.optimizer
     return history.rows, best.best_epoch or len(history.rows)
 
 
