@@ -90,7 +90,12 @@ def demo(tmp_path_factory) -> dict:
     client = MlflowClient(f"sqlite:///{base}/mlflow.db")
     experiment = client.get_experiment_by_name("dlilabs-demo")
     runs = client.search_runs([experiment.experiment_id])
-    return {"workspace": base / "demo", "output": result.stdout, "runs": runs}
+    return {
+        "workspace": base / "demo",
+        "output": result.stdout,
+        "log": result.stdout + result.stderr,  # dvc passes the stages' stderr through
+        "runs": runs,
+    }
 
 
 @pytest.mark.slow
@@ -126,3 +131,5 @@ def test_demo_runs_say_what_they_are_and_the_picture_is_written(demo):
     table = (demo["workspace"] / "reports" / "comparison.md").read_text()
     assert all(name in table for name in RUN_NAMES.values())
     assert "make ui" in demo["output"] and "dvc plots show" in demo["output"]
+    # A healthy demo prints no TensorFlow error-looking lines (E0000 ...) nor tracebacks.
+    assert "E0000" not in demo["log"] and "Traceback" not in demo["log"], demo["log"][-3000:]

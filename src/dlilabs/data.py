@@ -153,9 +153,14 @@ def make_dataset(
             scaled = tf.squeeze(augmenter(scaled[..., tf.newaxis], training=True), axis=-1)
         return scaled, tf.one_hot(batch_labels, num_classes)
 
-    dataset = tf.data.Dataset.zip(batches, arrays).map(
-        gather_scale_encode, num_parallel_calls=threads or tf.data.AUTOTUNE
-    )
+    zipped = tf.data.Dataset.zip(batches, arrays)
+    if threads == 1:
+        # One call at a time is a plain map: a parallel map of 1 would be the same batches, but
+        # under op determinism (profile=demo) TensorFlow rewrites it into a plain map and
+        # prints an E0000 line about an attribute the plain op lacks.
+        dataset = zipped.map(gather_scale_encode)
+    else:
+        dataset = zipped.map(gather_scale_encode, num_parallel_calls=threads or tf.data.AUTOTUNE)
     # As Keras does for arrays: the static graph rewrites would serialise the whole arrays
     # into every new iterator, i.e. at the start of every epoch, for nothing to optimise.
     options = tf.data.Options()

@@ -157,6 +157,25 @@ def _save_keras_model(path, **kwargs):
 _KERAS_FLAVOR = types.SimpleNamespace(__name__="mlflow.keras", save_model=_save_keras_model)
 
 
+@contextlib.contextmanager
+def _without_op_determinism() -> Iterator[None]:
+    """Turn TensorFlow's op determinism off for the block if it is on (training is over: the
+    block only checks the logged model), and back on after. A no-op where TF lacks the API."""
+    try:
+        from tensorflow.python.framework import config as tf_config
+
+        enabled = tf_config.is_op_determinism_enabled()
+    except (ImportError, AttributeError):
+        enabled = False
+    if enabled:
+        tf_config.disable_op_determinism()
+    try:
+        yield
+    finally:
+        if enabled:
+            tf_config.enable_op_determinism()
+
+
 def log_keras_model(model: keras.Model, sample_inputs: np.ndarray, registered_name: str | None):
     """Log `model` with MLflow's Keras 3 flavor, a signature inferred from `sample_inputs`
     (e.g. float32 (5, 28, 28)) and its predictions, that input example, and register it under
@@ -164,7 +183,7 @@ def log_keras_model(model: keras.Model, sample_inputs: np.ndarray, registered_na
     import tensorflow as tf
     from mlflow.models import Model, infer_signature
 
-    signature = infer_signature(sample_inputs, model.predict(sample_inputs, verbose=0))
+    signature = infer_signature(sample_inputs, np.asarray(model(sample_inputs, training=False)))
     # MLflow checks the input example with its own predict() calls, each of which would draw
     # a Keras progress bar in the stage's output: nothing a user needs.
     # (Non-interactive, Keras sends them to absl's logger instead: quiet that one meanwhile.)
@@ -174,18 +193,21 @@ def log_keras_model(model: keras.Model, sample_inputs: np.ndarray, registered_na
     keras.config.disable_interactive_logging()
     absl_logger.setLevel(logging.WARNING)
     try:
-        return Model.log(
-            artifact_path=None,
-            name="model",
-            flavor=_KERAS_FLAVOR,
-            model=model,
-            signature=signature,
-            input_example=sample_inputs,
-            registered_model_name=registered_name,
-            # Listing them skips MLflow's requirement inference, which reloads the model in a
-            # subprocess (another TensorFlow import) for a list we already know.
-            pip_requirements=[f"tensorflow=={tf.__version__}", f"keras=={keras.__version__}"],
-        )
+        # MLflow's checks predict on numpy arrays; under op determinism (profile=demo) each
+        # Keras predict() makes TensorFlow print an E0000 line about a rewritten map op.
+        with _without_op_determinism():
+            return Model.log(
+                artifact_path=None,
+                name="model",
+                flavor=_KERAS_FLAVOR,
+                model=model,
+                signature=signature,
+                input_example=sample_inputs,
+                registered_model_name=registered_name,
+                # Listing them skips MLflow's requirement inference, which reloads the model
+                # in a subprocess (another TensorFlow import) for a list we already know.
+                pip_requirements=[f"tensorflow=={tf.__version__}", f"keras=={keras.__version__}"],
+            )
     finally:
         absl_logger.setLevel(absl_level)
         if interactive:
