@@ -200,3 +200,26 @@ def test_train_and_evaluate_record_lineage_cost_and_a_model_card(project, tiny_m
     assert run.data.tags["eval.data.same"] == "false"
     contexts = sorted(data["context"] for data in run_datasets(run))
     assert contexts == ["evaluation", "training", "validation"]
+
+
+def test_a_dataset_row_raced_in_by_a_parallel_job_is_retried_not_fatal():
+    from dlilabs.tracking.lineage import retry_if_raced
+
+    calls = []
+
+    def log_input():  # the second try finds the row the other job inserted
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError('duplicate key value violates unique constraint "dataset_pk"')
+        return "linked"
+
+    assert retry_if_raced(log_input) == "linked" and len(calls) == 2
+
+    def broken():
+        calls.append(1)
+        raise RuntimeError("no such table: datasets")
+
+    calls.clear()
+    with pytest.raises(RuntimeError, match="no such table"):
+        retry_if_raced(broken)
+    assert len(calls) == 1  # other errors are not retried

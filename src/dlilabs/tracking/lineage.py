@@ -22,6 +22,7 @@ import dataclasses
 import json
 import os
 import subprocess
+import time
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +31,7 @@ from mlflow.data.dataset_source import DatasetSource
 from omegaconf import DictConfig
 
 from dlilabs.tracking.dvcdata import raw_verified, split_record
+from dlilabs.tracking.store import retry_if_locked
 
 REPRODUCES_ENV = "DLILABS_REPRODUCES"  # set by dlilabs.reproduce for the run it starts
 CONTEXTS = {"train": "training", "val": "validation"}
@@ -84,14 +86,29 @@ def mlflow_dataset(cfg: DictConfig, split: str):
     )
 
 
+RACED = ("UniqueViolation", "UNIQUE constraint failed", "duplicate key value")
+
+
+def retry_if_raced(function, *args, attempts: int = 4, **kwargs):
+    """Call an MLflow dataset logger, retrying when a parallel job (a sweep's) inserted the same
+    dataset row between MLflow's lookup and its insert: the store then refuses the duplicate
+    key, and the next try finds that row and only links it to this run."""
+    for attempt in range(attempts):
+        try:
+            return retry_if_locked(function, *args, **kwargs)
+        except Exception as error:
+            if attempt == attempts - 1 or not any(text in str(error) for text in RACED):
+                raise
+            time.sleep(0.1 * (attempt + 1))
+    return None
+
+
 def log_datasets(cfg: DictConfig) -> None:
     """Log the train and validation splits as inputs of the active run."""
     import mlflow
 
-    from dlilabs.tracking.store import retry_if_locked
-
     for split, context in CONTEXTS.items():
-        retry_if_locked(mlflow.log_input, mlflow_dataset(cfg, split), context=context)
+        retry_if_raced(mlflow.log_input, mlflow_dataset(cfg, split), context=context)
 
 
 def log_eval_datasets(client, run_id: str, cfg: DictConfig) -> bool | None:
@@ -99,8 +116,6 @@ def log_eval_datasets(client, run_id: str, cfg: DictConfig) -> bool | None:
     `client`: the run's status is untouched) and tag `eval.data.same`. Returns True when they
     are the data the run trained and validated on, None when the run logged none (older)."""
     from mlflow.entities import Dataset, DatasetInput, InputTag
-
-    from dlilabs.tracking.store import retry_if_locked
 
     trained = {
         d["name"]: d["digest"]
@@ -113,7 +128,7 @@ def log_eval_datasets(client, run_id: str, cfg: DictConfig) -> bool | None:
         same = same and trained.get(dataset.name) == dataset.digest
         tags = [InputTag("mlflow.data.context", EVALUATION)]
         inputs.append(DatasetInput(Dataset(**dataset.to_dict()), tags))
-    retry_if_locked(client.log_inputs, run_id, datasets=inputs)
+    retry_if_raced(client.log_inputs, run_id, datasets=inputs)
     verdict = "unknown" if same is None else str(same).lower()
     retry_if_locked(client.set_tag, run_id, "eval.data.same", verdict)
     return same
@@ -237,7 +252,5 @@ def run_record(uri: str, run_id: str) -> dict:
 def tag_run(uri: str, run_id: str, key: str, value: str) -> None:
     """Set tag `key` of run `run_id` in store `uri` (through the client: status untouched)."""
     from mlflow import MlflowClient
-
-    from dlilabs.tracking.store import retry_if_locked
 
     retry_if_locked(MlflowClient(uri).set_tag, run_id, key, value)
