@@ -100,3 +100,27 @@ def test_dataset_that_does_not_fit_the_model_is_a_clear_error(project, tiny_mnis
     assert "model.keras" in message and "takes images of shape (28, 28)" in message
     assert "predicts 10 classes" in message and expected in message
     assert "dataset it was trained on" in message
+
+
+def test_a_failing_evaluate_records_its_outcome_and_leaves_the_train_run_finished(
+    project, tiny_mnist
+):
+    summary = train_run(compose(TINY))
+    client = MlflowClient(f"sqlite:///{project}/mlflow.db")
+    before = client.get_run(summary["run_id"]).info
+    blocked = project / "eval" / "mnist_mlp"
+    blocked.parent.mkdir(parents=True, exist_ok=True)
+    blocked.write_text("a file where evaluate's output folder should be")
+
+    with pytest.raises(OSError):
+        evaluate_run(compose(TINY))
+    run = client.get_run(summary["run_id"])
+    assert run.info.status == "FINISHED" and run.info.end_time == before.end_time
+    assert run.data.tags["eval.status"] == "failed"
+    assert "mnist_mlp" in run.data.tags["eval.error"]
+
+    blocked.unlink()  # fixed: the next evaluate succeeds and says so
+    evaluate_run(compose(TINY))
+    run = client.get_run(summary["run_id"])
+    assert run.info.status == "FINISHED" and run.data.tags["eval.status"] == "finished"
+    assert "eval.error" not in run.data.tags
