@@ -103,7 +103,7 @@ PREPROCESS_SECONDS, PREPROCESS_MB, REPEATS = 3.0, 1024.0, 3
 
 PREPROCESS_CHILD = """
 from dlilabs import preprocess
-from dlilabs.config import compose
+from dlilabs.ground.config import compose
 
 raw_dir, out_dir, engine = sys.argv[1:4]
 cfg = compose(["dataset=asl", f"paths.raw_dir={raw_dir}", f"paths.prepared_dir={out_dir}"])
@@ -155,7 +155,7 @@ def _measure(raw_dir: Path, out_dir: Path, engine: str) -> dict:
 
 def bench_preprocess() -> list[Row]:
     """The ASL preprocess stage on full-size CSVs: the stage's engine, then the other one."""
-    from dlilabs.rawdata import csv_engine
+    from dlilabs.core.rawdata import csv_engine
 
     engine = csv_engine()
     with tempfile.TemporaryDirectory(prefix="dlilabs-bench-") as folder:
@@ -240,11 +240,11 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import keras
 import numpy as np
 
-from dlilabs.config import compose
-from dlilabs.data import augment_in_model, build_augmenter, make_dataset, with_augmenter
-from dlilabs.device import select_device
-from dlilabs.fitting import make_optimizer
-from dlilabs.models import build_model
+from dlilabs.ground.config import compose
+from dlilabs.core.data import augment_in_model, build_augmenter, make_dataset, with_augmenter
+from dlilabs.core.device import select_device
+from dlilabs.core.fitting import make_optimizer
+from dlilabs.core.models import build_model
 
 spec = json.loads(sys.argv[1])
 cfg = compose([f"model={spec['model']}", "augment=dli"])

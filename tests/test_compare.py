@@ -15,8 +15,8 @@ from PIL import Image
 
 from conftest import REPO, stage_env, write_prepared
 from dlilabs import compare
-from dlilabs.config import compose
 from dlilabs.evaluate import run as evaluate_run
+from dlilabs.ground.config import compose
 from dlilabs.tracking.registry import update_champion
 from dlilabs.train import run as train_run
 

@@ -15,8 +15,8 @@ from mlflow import MlflowClient
 from PIL import Image
 
 from conftest import REPO
-from dlilabs.config import compose
 from dlilabs.demo import EPOCHS, STORY_LABS, demo_params, lab_configs, run_label, story_lines
+from dlilabs.ground.config import compose
 
 RUN_NAMES = {"asl_mlp": "mlp · mnist_5k", "asl_cnn": "cnn · mnist_5k"}
 RUN_NAMES["asl_cnn_aug"] = "cnn+aug · mnist_5k"

@@ -19,9 +19,9 @@ import pytest
 from omegaconf import OmegaConf
 
 from dlilabs import download as stage
-from dlilabs import mirrors
-from dlilabs.config import PACKAGE_ROOT
-from dlilabs.errors import UserError
+from dlilabs.core import httpfetch
+from dlilabs.ground.config import PACKAGE_ROOT
+from dlilabs.ground.errors import UserError
 
 
 def sha(data: bytes) -> str:
@@ -74,7 +74,7 @@ def closed_url():
 
 @pytest.fixture
 def fast_backoff(monkeypatch):
-    monkeypatch.setattr(mirrors, "BACKOFF_S", 0.01)
+    monkeypatch.setattr(httpfetch, "BACKOFF_S", 0.01)
 
 
 def make_cfg(tmp_path, files, mirrors=(), local=None, timeout=10, retries=2, **source):
@@ -370,7 +370,7 @@ def test_keras_cache(tmp_path, closed_url):
 def compose_dataset(tmp_path, dataset: str, **env: str):
     """The real composed config of `dataset` (its search folders), project at tmp_path/project,
     raw_dir at tmp_path/raw, with `env` set while resolving."""
-    from dlilabs.config import compose
+    from dlilabs.ground.config import compose
 
     shutil.copytree(PACKAGE_ROOT / "conf", tmp_path / "project" / "conf", dirs_exist_ok=True)
     with pytest.MonkeyPatch.context() as patch:

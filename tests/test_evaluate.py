@@ -9,10 +9,10 @@ import pytest
 from mlflow import MlflowClient
 
 from conftest import write_prepared
-from dlilabs.config import compose
-from dlilabs.errors import UserError
 from dlilabs.evaluate import class_report, score
 from dlilabs.evaluate import run as evaluate_run
+from dlilabs.ground.config import compose
+from dlilabs.ground.errors import UserError
 from dlilabs.train import run as train_run
 
 TINY = ["experiment=mnist_mlp", "model.hidden_units=[32]", "trainer.epochs=2"]

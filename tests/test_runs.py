@@ -12,7 +12,7 @@ import pytest
 from mlflow import MlflowClient
 
 from conftest import stage_env, write_prepared
-from dlilabs.config import compose
+from dlilabs.ground.config import compose
 from dlilabs.runs import main
 from dlilabs.tracking.reconcile import now_ms
 from dlilabs.tracking.store import connect

@@ -16,8 +16,8 @@ import pytest
 from mlflow import MlflowClient
 
 from conftest import stage_env, write_prepared
-from dlilabs import fitting
-from dlilabs.config import compose
+from dlilabs.core import fitting
+from dlilabs.ground.config import compose
 from dlilabs.train import run as train_run
 
 TINY = ["experiment=mnist_mlp", "model.hidden_units=[32]", "trainer.epochs=3"]
@@ -105,7 +105,7 @@ def test_saved_model_holds_the_best_epoch_weights(project, tiny_mnist):
 
     import keras
 
-    from dlilabs.data import load_split
+    from dlilabs.core.data import load_split
 
     model = keras.saving.load_model(model_dir / "model.keras")
     images, labels = load_split(tiny_mnist / "val.npz")

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import yaml
 
-from dlilabs.errors import UserError
+from dlilabs.ground.errors import UserError
 
 NOT_CODE = ("dvc.lock", ".dvc", ".gitignore")  # data pointers: the data is checked by content
 

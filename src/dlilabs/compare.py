@@ -12,7 +12,7 @@ run: MLP vs CNN vs CNN + augmentation, the course's story in one picture) and `c
 
 A plain argparse CLI, not Hydra: the one free-form argument is an MLflow filter string, whose
 quotes, spaces and `=` Hydra's override grammar would have to escape. The defaults (store URI,
-experiment name) still come from conf/ through `dlilabs.config.compose`.
+experiment name) still come from conf/ through `dlilabs.ground.config.compose`.
 """
 
 from __future__ import annotations
@@ -25,8 +25,8 @@ from pathlib import Path
 import pandas as pd
 import yaml
 
-from dlilabs.config import project_root
-from dlilabs.errors import UserError
+from dlilabs.ground.config import project_root
+from dlilabs.ground.errors import UserError
 from dlilabs.tracking.query import client_for, find_runs
 
 log = logging.getLogger("dlilabs.compare")
@@ -94,7 +94,7 @@ def to_markdown(table: pd.DataFrame) -> str:
 
 def default_store(root: Path) -> tuple[str, str]:
     """(tracking URI, experiment name) as the stages would use them (conf/tracking)."""
-    from dlilabs.config import compose
+    from dlilabs.ground.config import compose
 
     tracking = compose().tracking
     return tracking.uri, tracking.experiment_name
@@ -140,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    from dlilabs import plots  # matplotlib after the cheap checks: errors come fast
+    from dlilabs.core import plots  # matplotlib after the cheap checks: errors come fast
 
     markdown = to_markdown(table)
     picture = plots.save(plots.comparison(table), args.out / "comparison.png")

@@ -31,7 +31,7 @@ from pathlib import Path
 
 import yaml
 
-from dlilabs.config import project_root, store_root
+from dlilabs.ground.config import project_root, store_root
 
 DEMO_DATASET = "mnist_demo"
 # Labs 2-4 tell the story: the MLP overfits, the CNN generalises, augmentation narrows the gap.

@@ -25,7 +25,8 @@ may cost GIVE_UP_AFTER_S seconds in all, so an offline run fails in under 10 s a
 to do instead.
 
 This module holds the order (kept file, local or search folders, mirrors) and the messages;
-finding and verifying copies on this machine is dlilabs.copies, fetching a URL dlilabs.mirrors.
+finding and verifying copies on this machine is dlilabs.core.copies, fetching a URL
+dlilabs.core.httpfetch.
 """
 
 from __future__ import annotations
@@ -39,12 +40,12 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-from dlilabs import mirrors
-from dlilabs.cli import stage_main
-from dlilabs.copies import Record, copy_local, install_each, search_folders, zip_candidates
-from dlilabs.errors import UserError
-from dlilabs.io import read_json, sha256_file, write_json
-from dlilabs.mirrors import Budget, FetchError
+from dlilabs.core import httpfetch
+from dlilabs.core.copies import Record, copy_local, install_each, search_folders, zip_candidates
+from dlilabs.core.httpfetch import Budget, FetchError
+from dlilabs.entry import stage_main
+from dlilabs.ground.errors import UserError
+from dlilabs.ground.io import read_json, sha256_file, write_json
 
 log = logging.getLogger("dlilabs.download")  # not "__main__" under `python -m`
 
@@ -173,7 +174,7 @@ def _mirror_urls(mirror, wanted: list[str], accepted: dict) -> list[tuple[str, l
 def _fetch(url, names, archive, accepted, staging, source, budget):
     """Fetch one URL (a single file or a zip) into staging; return ({name: record}, [problems])."""
     get = functools.partial(
-        mirrors.get, url, retries=source.retries, timeout=source.timeout, budget=budget
+        httpfetch.get, url, retries=source.retries, timeout=source.timeout, budget=budget
     )
     if not archive:
         return install_each(names, {names[0]: [(url, get)]}, accepted, staging)

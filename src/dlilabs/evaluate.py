@@ -6,7 +6,7 @@ Loads `model.keras` (safe mode) and the prepared splits; writes to `paths.eval_d
 image, actual and predicted class name: DVC's confusion template counts them). Logs the same
 metrics, the confusion matrix and a per-class table to the lab's MLflow run, whose id the
 train stage left in `run.json`. Also draws `learning_curves.png`, `confusion.png` and
-`train_inputs.png` (dlilabs.plots; logged under the run's `plots/`), and moves the registry
+`train_inputs.png` (dlilabs.core.plots; logged under the run's `plots/`), and moves the registry
 alias `champion` to this model version when its eval/val_accuracy beats the current
 champion's (dlilabs.tracking.registry.update_champion). Evaluate never changes the train
 run's status: its own outcome is the run's `eval.status` tag (and `eval.error`).
@@ -23,9 +23,9 @@ import pandas as pd
 from omegaconf import DictConfig
 
 from dlilabs import tracking
-from dlilabs.cli import stage_main
-from dlilabs.errors import UserError
-from dlilabs.io import atomic_path, read_json, write_json
+from dlilabs.entry import stage_main
+from dlilabs.ground.errors import UserError
+from dlilabs.ground.io import atomic_path, read_json, write_json
 
 if TYPE_CHECKING:
     import keras
@@ -78,7 +78,7 @@ def score(
     The loss is Keras' own, as fit reports `val_loss`: model.evaluate on the input pipeline's
     batches, where Keras computes cross-entropy from the softmax's logits. (From predicted
     probabilities it would be clipped at 1e-7, understating confident mistakes.)"""
-    from dlilabs.data import make_dataset
+    from dlilabs.core.data import make_dataset
 
     batches = make_dataset(images, labels, num_classes, batch_size)
     model.compile(loss=loss)  # only the loss is needed; the saved optimizer state is not
@@ -103,7 +103,7 @@ def class_report(
 def evaluate_lab(cfg: DictConfig) -> dict:
     """Score the lab's model on both splits, write metrics.json and confusion.csv, log to the
     lab's MLflow run. Returns the metrics dict written to metrics.json."""
-    from dlilabs.data import load_split
+    from dlilabs.core.data import load_split
 
     model, run_info = load_trained(Path(cfg.paths.model_dir))
     tracking.connect(cfg.tracking)
@@ -140,7 +140,7 @@ def evaluate_lab(cfg: DictConfig) -> dict:
             pd.DataFrame({"actual": names[y_val], "predicted": names[predictions]}).to_csv(
                 temporary, index=False
             )
-        from dlilabs import plots  # matplotlib is imported by the stages that draw, only
+        from dlilabs.core import plots  # matplotlib is imported by the stages that draw, only
 
         figures = plots.write_eval_figures(
             cfg, matrix, (x_train, y_train), val_accuracy, run_info.get("best_epoch")

@@ -10,8 +10,8 @@ import numpy as np
 from omegaconf import DictConfig
 
 from dlilabs import tracking
-from dlilabs.fitting import make_optimizer, seed_everything
-from dlilabs.io import write_json
+from dlilabs.core.fitting import make_optimizer, seed_everything
+from dlilabs.ground.io import write_json
 
 log = logging.getLogger("dlilabs.linefit")
 
@@ -28,7 +28,7 @@ def fit_line(x: np.ndarray, y: np.ndarray, trainer: DictConfig):
     MLflow run. Returns (model, history rows, {"slope", "intercept", "mse"})."""
     import tensorflow as tf
 
-    from dlilabs.models import build_linear
+    from dlilabs.core.models import build_linear
 
     model = build_linear()
     model.compile(

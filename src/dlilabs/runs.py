@@ -18,7 +18,7 @@ import sys
 import time
 from pathlib import Path
 
-from dlilabs.errors import UserError
+from dlilabs.ground.errors import UserError
 from dlilabs.tracking import end_stale, find_stale, running_runs
 from dlilabs.tracking.query import client_for
 from dlilabs.tracking.store import check_writable
@@ -60,7 +60,7 @@ def table(stale: list) -> str:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     """The command line; defaults from conf/tracking (store, experiment, timeout)."""
-    from dlilabs.config import compose
+    from dlilabs.ground.config import compose
 
     tracking = compose().tracking
     stale_after = float(tracking.get("stale_after_minutes", 30))

@@ -15,17 +15,17 @@ import numpy as np
 from omegaconf import DictConfig
 
 from dlilabs import tracking
-from dlilabs.cli import stage_main
-from dlilabs.fitting import fit, make_optimizer, seed_everything, summary_metrics
+from dlilabs.core.fitting import fit, make_optimizer, seed_everything, summary_metrics
+from dlilabs.entry import stage_main
 
 log = logging.getLogger("dlilabs.train")
 
 
 def train_lab(cfg: DictConfig) -> dict:
     """Train the image lab `cfg` describes; returns the run summary also written to run.json."""
-    from dlilabs.data import augment_in_model, build_augmenter, load_split, make_dataset
-    from dlilabs.device import configure_threads, select_device
-    from dlilabs.models import build_model
+    from dlilabs.core.data import augment_in_model, build_augmenter, load_split, make_dataset
+    from dlilabs.core.device import configure_threads, select_device
+    from dlilabs.core.models import build_model
 
     trainer = cfg.trainer
     # The device is settled before any data is loaded, so "GPU required" fails fast.

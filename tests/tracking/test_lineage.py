@@ -18,7 +18,7 @@ from PIL import Image
 
 from conftest import make_images, stage_env, write_prepared
 from dlilabs import tracking
-from dlilabs.config import compose
+from dlilabs.ground.config import compose
 from dlilabs.tracking.cards import card_markdown, verdict
 from dlilabs.tracking.dvcdata import arrays_sha256
 from dlilabs.tracking.lineage import run_datasets

@@ -16,9 +16,9 @@ import pytest
 from mlflow import MlflowClient
 
 from conftest import stage_env, write_prepared
-from dlilabs.config import compose
+from dlilabs.ground.config import compose
+from dlilabs.tracking.labrun import lab_run
 from dlilabs.tracking.reconcile import Heartbeat, now_ms, owner_tags
-from dlilabs.tracking.runs import lab_run
 from dlilabs.tracking.store import connect
 
 MINUTE = 60_000

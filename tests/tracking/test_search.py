@@ -12,7 +12,7 @@ from mlflow import MlflowClient
 from omegaconf import OmegaConf
 
 from conftest import make_images, stage_env
-from dlilabs.errors import UserError
+from dlilabs.ground.errors import UserError
 from dlilabs.tracking.search import redacted, search_space
 from dlilabs.tracking.trial import objective_value
 
@@ -90,7 +90,7 @@ def test_storage_urls_lose_their_password():
 def test_search_config_stores_the_study_beside_mlflow(project):
     from hydra import compose, initialize_config_dir
 
-    from dlilabs.config import config_dir
+    from dlilabs.ground.config import config_dir
 
     with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
         cfg = compose(
@@ -128,8 +128,8 @@ def test_pruning_callback_stops_training_on_the_pruners_word():
     stops the fit after its first epoch; one that prunes nothing lets it run."""
     import keras
 
-    from dlilabs.fitting import fit
-    from dlilabs.pruning import TrialPruning
+    from dlilabs.core.fitting import fit
+    from dlilabs.core.pruning import TrialPruning
 
     images, labels = make_images(64, 10)
     x = images[..., None].astype(np.float32) / 255.0

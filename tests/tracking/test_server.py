@@ -22,10 +22,10 @@ from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
 from conftest import stage_env, write_prepared
-from dlilabs.config import compose
-from dlilabs.errors import UserError
+from dlilabs.ground.config import compose
+from dlilabs.ground.errors import UserError
 from dlilabs.tracking import postgres as pg
-from dlilabs.tracking import server, store
+from dlilabs.tracking import store, teamserver
 
 TINY = ["experiment=mnist_mlp", "model.hidden_units=[32]", "tracking=server"]
 JOBS = 4
@@ -36,7 +36,7 @@ class Stack:
     """PostgreSQL and an MLflow server over it, in `folder`; the server can die and return."""
 
     folder: Path
-    postgres: server.Postgres
+    postgres: teamserver.Postgres
     port: int
     process: subprocess.Popen | None = None
 
@@ -46,7 +46,7 @@ class Stack:
 
     def start(self) -> None:
         """Start (or restart, same port and database) the MLflow server; wait for /health."""
-        self.process = server.start_mlflow(
+        self.process = teamserver.start_mlflow(
             self.postgres,
             self.folder / "artifacts",
             self.port,
@@ -72,13 +72,13 @@ def stack():
     outside pytest's root-only tmp tree: as root, PostgreSQL runs as another user."""
     folder = Path(tempfile.mkdtemp(prefix="dlilabs-server-"))
     folder.chmod(0o755)
-    postgres = server.start_postgres(folder)
-    running = Stack(folder, postgres, server.free_port())
+    postgres = teamserver.start_postgres(folder)
+    running = Stack(folder, postgres, teamserver.free_port())
     try:
         running.start()
         yield running
     finally:
-        server.stop(running.process, postgres)
+        teamserver.stop(running.process, postgres)
         shutil.rmtree(folder, ignore_errors=True)
 
 
@@ -145,7 +145,7 @@ def test_client_settings_fail_fast(project, monkeypatch):
 
 def test_a_dead_server_is_one_clear_error(monkeypatch):
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
-    uri = f"http://127.0.0.1:{server.free_port()}"
+    uri = f"http://127.0.0.1:{teamserver.free_port()}"
     started = time.monotonic()
     with pytest.raises(MlflowException) as caught:  # what MLflow raises, deep in a job
         MlflowClient(uri).get_experiment_by_name("dlilabs")
@@ -158,7 +158,7 @@ def test_a_dead_server_is_one_clear_error(monkeypatch):
     )
     # Other hosts' failures (a dataset download) and other stores are not the server's.
     with pytest.raises(requests.ConnectionError) as other:
-        requests.get(f"http://127.0.0.1:{server.free_port()}/data", timeout=5)
+        requests.get(f"http://127.0.0.1:{teamserver.free_port()}/data", timeout=5)
     assert store.tracking_user_error(other.value, uri) is None
     assert store.tracking_user_error(other.value, "sqlite:///mlflow.db") is None
 
@@ -267,7 +267,7 @@ def test_jobs_fail_fast_when_the_server_dies_and_nothing_logged_is_lost(stack, p
         assert after[run.info.run_id]["status"] in ("RUNNING", "FAILED")
 
 
-def psql_as_nobody(postgres: server.Postgres, user: str, sql: str, password=None, host=None):
+def psql_as_nobody(postgres: teamserver.Postgres, user: str, sql: str, password=None, host=None):
     """Run one statement with psql as the OS user `nobody` (anyone else with a shell on this
     host) against the cluster, as database role `user`; returns the CompletedProcess."""
     env = {"PATH": "/usr/bin:/bin", "HOME": "/nonexistent", "PGCONNECT_TIMEOUT": "10"}
@@ -338,7 +338,7 @@ def make_old_cluster(folder: Path) -> str:
     options = ["-U", "mlflow", "-A", "trust", "-E", "UTF8", "--locale=C"]
     initdb = [pg.postgres_bin("initdb"), "-D", str(cluster), *options]
     subprocess.run(initdb, check=True, capture_output=True, **run_as)
-    port = server.free_port()
+    port = teamserver.free_port()
     process = pg._launch(cluster, port, "127.0.0.1", run_as)
     try:
         params = dict(host="127.0.0.1", port=port, user="mlflow", dbname="postgres")
@@ -358,7 +358,7 @@ def test_a_cluster_from_the_old_server_is_secured_and_keeps_its_runs(monkeypatch
     folder.chmod(0o755)
     try:
         run_id = make_old_cluster(folder)
-        postgres = server.start_postgres(folder)
+        postgres = teamserver.start_postgres(folder)
         try:
             hba = (postgres.cluster / "pg_hba.conf").read_text()
             assert "trust" not in hba.replace("#", " ").split()
@@ -374,7 +374,7 @@ def test_a_cluster_from_the_old_server_is_secured_and_keeps_its_runs(monkeypatch
             steps = [m.step for m in client.get_metric_history(run_id, "loss")]
             assert steps == [1, 2]
         finally:
-            server.stop(postgres=postgres)
+            teamserver.stop(postgres=postgres)
     finally:
         shutil.rmtree(folder, ignore_errors=True)
 
@@ -383,16 +383,16 @@ def test_a_cluster_from_the_old_server_is_secured_and_keeps_its_runs(monkeypatch
 def test_mlflow_login_refuses_anonymous_requests_and_takes_env_credentials(
     stack, project, monkeypatch
 ):
-    port = server.free_port()
+    port = teamserver.free_port()
     log_file = stack.folder / "mlflow-auth.log"
-    process = server.start_mlflow(
+    process = teamserver.start_mlflow(
         stack.postgres, stack.folder / "artifacts", port, log_file=log_file, auth=True
     )
     uri = f"http://127.0.0.1:{port}"
     try:
-        files = [stack.folder / name for name in server.AUTH_FILES.values()]
+        files = [stack.folder / name for name in teamserver.AUTH_FILES.values()]
         assert [path.stat().st_mode & 0o777 for path in files] == [0o600] * len(files)
-        admin_password = pg.password(stack.folder / server.AUTH_FILES["admin"])
+        admin_password = pg.password(stack.folder / teamserver.AUTH_FILES["admin"])
         search = f"{uri}/api/2.0/mlflow/experiments/search?max_results=1"
         assert requests.get(search, timeout=30).status_code == 401
         assert requests.get(search, auth=("admin", "wrong-password"), timeout=30).status_code == 401
@@ -427,4 +427,4 @@ def test_mlflow_login_refuses_anonymous_requests_and_takes_env_credentials(
         assert "Traceback" not in refused.stderr
         assert "MLFLOW_TRACKING_USERNAME" in refused.stderr.strip().splitlines()[-1]
     finally:
-        server.stop(process)
+        teamserver.stop(process)

@@ -17,8 +17,8 @@ import pytest
 from mlflow import MlflowClient
 
 from conftest import stage_env
-from dlilabs.config import compose
-from dlilabs.errors import UserError
+from dlilabs.ground.config import compose
+from dlilabs.ground.errors import UserError
 from dlilabs.tracking.store import connect, schema_revision
 
 # A process that imports everything, says it is ready, waits for the go file, then connects:
@@ -27,7 +27,7 @@ CONNECT_AT_ONCE = """
 import sys, time
 from pathlib import Path
 import alembic.command, mlflow.store.tracking.sqlalchemy_store  # imported before the start
-from dlilabs.config import compose
+from dlilabs.ground.config import compose
 from dlilabs.tracking.store import connect
 tracking = compose().tracking
 Path(sys.argv[1]).touch()

@@ -9,7 +9,7 @@ import pytest
 from mlflow import MlflowClient
 
 from conftest import stage_env, write_prepared
-from dlilabs.config import compose
+from dlilabs.ground.config import compose
 from dlilabs.tracking.resume import job_key, sweep_key
 from dlilabs.tracking.sweep import best_child, sweep_keys
 
@@ -145,7 +145,7 @@ def test_slurm_launcher_requests_one_gpu_per_job():
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
 
-    from dlilabs.config import config_dir
+    from dlilabs.ground.config import config_dir
 
     with initialize_config_dir(config_dir=config_dir(), version_base="1.3"):
         cfg = hydra_compose(

@@ -2,7 +2,7 @@
 
     store       connect to the store (SQLite or a tracking server) under a lock, survive it
                 going away
-    runs        a lab run: tags, params, per-epoch metrics, the logged model, its lifecycle
+    labrun      a lab run: tags, params, per-epoch metrics, the logged model, its lifecycle
     reconcile   runs' owners and heartbeats; ending runs whose process is gone
     evaluation  what evaluate records in the train run, without touching its status
     registry    the `champion` alias; loading registered models
@@ -14,7 +14,7 @@
     resume      re-running a stopped sweep runs only what it had not finished
     search      Optuna as a Hydra sweeper (hydra/sweeper=optuna), its study in a store
     trial       a search job's side: its reopened trial, pruning, its objective
-    server      the team server: `mlflow server` (optionally with its login) over...
+    teamserver  the team server: `mlflow server` (optionally with its login) over...
     postgres    ...a password-protected PostgreSQL cluster in the same folder
 
 The names below are what the stages use. They load lazily, on first use, so that a stage
@@ -28,14 +28,14 @@ import importlib
 _EXPORTS = {
     "connect": "store",
     "tracking_user_error": "store",
-    "run_tags": "runs",
-    "data_tags": "runs",
-    "lab_run": "runs",
-    "log_config": "runs",
-    "log_metrics": "runs",
-    "finish_run": "runs",
-    "EpochLogger": "runs",
-    "flatten_config": "runs",
+    "run_tags": "labrun",
+    "data_tags": "labrun",
+    "lab_run": "labrun",
+    "log_config": "labrun",
+    "log_metrics": "labrun",
+    "finish_run": "labrun",
+    "EpochLogger": "labrun",
+    "flatten_config": "labrun",
     "evaluation_of": "evaluation",
     "log_evaluation": "evaluation",
     "update_champion": "registry",

@@ -226,7 +226,7 @@ def run_record(uri: str, run_id: str) -> dict:
     from mlflow import MlflowClient
     from mlflow.exceptions import MlflowException
 
-    from dlilabs.errors import UserError
+    from dlilabs.ground.errors import UserError
     from dlilabs.tracking.registry import store_exists
 
     if not store_exists(uri):

@@ -28,7 +28,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from dlilabs.errors import UserError
+from dlilabs.ground.errors import UserError
 
 SUPERUSER = "postgres"
 ROLE = DATABASE = "mlflow"

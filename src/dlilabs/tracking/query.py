@@ -8,7 +8,7 @@ from mlflow import MlflowClient
 from mlflow.entities import Run
 from mlflow.exceptions import MlflowException
 
-from dlilabs.errors import UserError
+from dlilabs.ground.errors import UserError
 
 # What the chart and table need from a run (the train stage logs them as summaries).
 REQUIRED = ("best/val/accuracy", "final/val/accuracy", "final/gap/accuracy")

@@ -12,7 +12,7 @@ from pathlib import Path
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
-from dlilabs.errors import UserError
+from dlilabs.ground.errors import UserError
 
 log = logging.getLogger("dlilabs.tracking")
 

@@ -31,7 +31,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from dlilabs.errors import UserError
+from dlilabs.ground.errors import UserError
 from dlilabs.tracking.sweep import PARENT_ENV, STUDY_ENV, VARYING_ENV
 
 log = logging.getLogger("dlilabs.search")

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-from dlilabs.errors import UserError
+from dlilabs.ground.errors import UserError
 
 log = logging.getLogger("dlilabs.tracking")
 # MLflow announces every schema check and table creation at INFO ("Creating initial MLflow

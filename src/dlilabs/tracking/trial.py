@@ -2,7 +2,7 @@
 
 The Optuna sweeper (`dlilabs.tracking.search`) gives each job `sweep.trial=<number>`. The job
 reopens that trial from the study's storage (`optuna.trial.Trial(study, trial_id)`, with the
-pruner the sweeper config names), so `TrialPruning` (dlilabs.pruning) can report every epoch
+pruner the sweeper config names), so `TrialPruning` (dlilabs.core.pruning) can report every epoch
 to it and stop the job when the pruner says so. A pruned job still ends FINISHED, tagged
 `pruned=true` and `pruned_at_epoch`, with its partial curves, and it marks its trial
 `pruned_at_epoch` so the sweeper tells the study PRUNED. The job's objective (what the
@@ -18,7 +18,7 @@ import os
 
 from omegaconf import DictConfig
 
-from dlilabs.errors import UserError
+from dlilabs.ground.errors import UserError
 
 log = logging.getLogger("dlilabs.search")
 OBJECTIVE = "search/objective"
@@ -67,7 +67,7 @@ def search_callbacks(cfg: DictConfig) -> list:
     import mlflow
     from hydra.core.hydra_config import HydraConfig
 
-    from dlilabs.pruning import TrialPruning
+    from dlilabs.core.pruning import TrialPruning
     from dlilabs.tracking.search import PRUNED_ATTR
 
     monitor = HydraConfig.get().sweeper.get("report") or "val_accuracy"

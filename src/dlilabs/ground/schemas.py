@@ -18,9 +18,9 @@ from typing import Any
 
 from omegaconf import MISSING, DictConfig, MissingMandatoryValue
 
-from dlilabs.errors import UserError
+from dlilabs.ground.errors import UserError
 
-# Keras optimizer names (keras.optimizers.get); dlilabs.fitting.make_optimizer builds them.
+# Keras optimizer names (keras.optimizers.get); dlilabs.core.fitting.make_optimizer builds them.
 OPTIMIZERS = (
     "sgd",
     "rmsprop",
@@ -35,7 +35,7 @@ OPTIMIZERS = (
     "adafactor",
 )
 # Keras loss names (keras.losses.get), snake case and short aliases; the class names
-# (CategoricalCrossentropy, ...) are accepted too, by asking Keras (dlilabs.cli).
+# (CategoricalCrossentropy, ...) are accepted too, by asking Keras (dlilabs.entry).
 LOSSES = (
     "categorical_crossentropy",
     "categorical_focal_crossentropy",
@@ -67,13 +67,13 @@ MONITORS = {
     "regression": ("loss",),
 }
 DEVICES = ("gpu", "cpu")
-AUGMENT_ON = ("auto", "pipeline", "model")  # where augmentation runs (dlilabs.data)
+AUGMENT_ON = ("auto", "pipeline", "model")  # where augmentation runs (dlilabs.core.data)
 KerasKnows = Callable[[str, str], bool]  # ("optimizer" | "loss", name) -> Keras has it
 
 
 @dataclass
 class TrainerConfig:
-    """conf/trainer/*.yaml: how to fit (dlilabs.fitting, dlilabs.device)."""
+    """conf/trainer/*.yaml: how to fit (dlilabs.core.fitting, dlilabs.core.device)."""
 
     epochs: int = MISSING
     batch_size: int = MISSING
@@ -95,7 +95,7 @@ class TrainerConfig:
 
 @dataclass
 class MlpConfig:
-    """conf/model/mlp.yaml (dlilabs.models.build_mlp)."""
+    """conf/model/mlp.yaml (dlilabs.core.models.build_mlp)."""
 
     name: str = MISSING
     hidden_units: list[int] = MISSING
@@ -112,7 +112,7 @@ class ConvBlock:
 
 @dataclass
 class CnnConfig:
-    """conf/model/cnn.yaml (dlilabs.models.build_cnn)."""
+    """conf/model/cnn.yaml (dlilabs.core.models.build_cnn)."""
 
     name: str = MISSING
     conv_blocks: list[ConvBlock] = MISSING
@@ -124,7 +124,7 @@ class CnnConfig:
 
 @dataclass
 class LinearConfig:
-    """conf/model/linear.yaml (dlilabs.models.build_linear)."""
+    """conf/model/linear.yaml (dlilabs.core.models.build_linear)."""
 
     name: str = MISSING
     units: int = MISSING
@@ -139,7 +139,7 @@ class NoAugmentConfig:
 
 @dataclass
 class AugmentConfig:
-    """conf/augment/dli.yaml: ImageDataGenerator's settings (dlilabs.data.build_augmenter)."""
+    """conf/augment/dli.yaml: ImageDataGenerator's settings (dlilabs.core.data.build_augmenter)."""
 
     name: str = MISSING
     rotation_degrees: float = MISSING
@@ -162,7 +162,7 @@ SCHEMAS = {
 
 
 def register() -> None:
-    """Store every schema in Hydra's ConfigStore (idempotent; dlilabs.config calls it)."""
+    """Store every schema in Hydra's ConfigStore (idempotent; dlilabs.ground.config calls it)."""
     from hydra.core.config_store import ConfigStore
 
     store = ConfigStore.instance()
@@ -188,7 +188,7 @@ def check_trainer(
     trainer: DictConfig, task: str = "classification", keras_knows: KerasKnows | None = None
 ) -> None:
     """Check the trainer's values a type cannot. Optimizer and loss names outside the lists
-    above are put to `keras_knows(kind, name)` ("optimizer" | "loss") when given (dlilabs.cli
+    above are put to `keras_knows(kind, name)` ("optimizer" | "loss") when given (dlilabs.entry
     asks Keras, which the ground layer cannot import). Raises UserError naming the first bad
     key, its value and what is allowed."""
     _at_least("trainer.epochs", trainer.epochs, 1)

@@ -19,8 +19,8 @@ import zipfile
 from collections.abc import Callable
 from pathlib import Path, PurePosixPath
 
-from dlilabs.errors import UserError
-from dlilabs.io import atomic_path, sha256_file
+from dlilabs.ground.errors import UserError
+from dlilabs.ground.io import atomic_path, sha256_file
 
 log = logging.getLogger("dlilabs.download")  # the stage's log: its lines read as one story
 

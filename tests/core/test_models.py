@@ -3,8 +3,8 @@
 import keras
 import pytest
 
-from dlilabs.config import compose
-from dlilabs.models import build_model
+from dlilabs.core.models import build_model
+from dlilabs.ground.config import compose
 
 
 def build(lab):

@@ -13,9 +13,9 @@ from mlflow import MlflowClient
 from PIL import Image
 
 from conftest import make_images
-from dlilabs import plots
-from dlilabs.config import compose
+from dlilabs.core import plots
 from dlilabs.evaluate import run as evaluate_run
+from dlilabs.ground.config import compose
 from dlilabs.preprocess import run as preprocess_run
 from dlilabs.train import run as train_run
 

@@ -7,9 +7,9 @@ import os
 
 import tensorflow as tf
 
-from dlilabs.errors import UserError
+from dlilabs.ground.errors import UserError
 
-log = logging.getLogger("dlilabs.device")
+log = logging.getLogger("dlilabs.core.device")
 
 
 def select_device(

@@ -14,7 +14,7 @@ import numpy as np
 import tensorflow as tf
 from omegaconf import DictConfig
 
-from dlilabs.errors import UserError
+from dlilabs.ground.errors import UserError
 
 # The input pipeline's own threads and how many batches it keeps ready (see make_dataset).
 INPUT_THREADS, PREFETCH = 1, 4
@@ -63,7 +63,7 @@ def augment_in_model(augment_on: str, device: str) -> bool:
     on the model's device; False = in the CPU input pipeline (`make_dataset(augmenter=)`).
 
     `augment_on` is trainer.augment_on: "auto" (the model on a GPU, the pipeline on the CPU),
-    "model" or "pipeline"; `device` is what dlilabs.device.select_device used ("gpu"/"cpu").
+    "model" or "pipeline"; `device` is what dlilabs.core.device.select_device used ("gpu"/"cpu").
     On a GPU the pipeline's CPU threads would feed a step that takes a millisecond; on the
     CPU both places compute the same thing, and the pipeline keeps the results of earlier
     runs (the random draws differ between the two places)."""

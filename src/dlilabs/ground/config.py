@@ -2,7 +2,7 @@
 
 Ground layer: imports nothing of dlilabs but `errors` and `schemas` (the config groups'
 structured-config schemas, registered in Hydra's ConfigStore here, beside the resolvers).
-The entry-point wrapper the stages use (`stage_main`) lives in the top layer, `dlilabs.cli`,
+The entry-point wrapper the stages use (`stage_main`) lives in the top layer, `dlilabs.entry`,
 since it also handles tracking errors.
 """
 
@@ -15,13 +15,13 @@ from pathlib import Path
 
 from omegaconf import DictConfig, OmegaConf
 
-from dlilabs import schemas
-from dlilabs.errors import UserError
+from dlilabs.ground import schemas
+from dlilabs.ground.errors import UserError
 
 log = logging.getLogger("dlilabs")
 
 # The checkout this package was installed from (pip install -e .): the fallback root.
-PACKAGE_ROOT = Path(__file__).resolve().parents[2]
+PACKAGE_ROOT = Path(__file__).resolve().parents[3]
 
 
 def project_root(start: Path | None = None) -> Path:

@@ -3,7 +3,7 @@ a lifecycle that always ends with a true status.
 
 Metric names are stable and grouped: `train/loss`, `train/accuracy`, `val/loss`,
 `val/accuracy`, and the overfitting gap `gap/accuracy` (train - val) and `gap/loss`
-(val - train), as `dlilabs.fitting` computes them.
+(val - train), as `dlilabs.core.fitting` computes them.
 """
 
 from __future__ import annotations
@@ -24,8 +24,8 @@ import numpy as np
 from mlflow.entities import Metric, RunTag
 from omegaconf import DictConfig, OmegaConf
 
-from dlilabs.fitting import history_row, metric_name
-from dlilabs.io import sha256_file
+from dlilabs.core.fitting import history_row, metric_name
+from dlilabs.ground.io import sha256_file
 from dlilabs.tracking.reconcile import HEARTBEAT, Heartbeat, now_ms, owner_tags
 from dlilabs.tracking.store import retry_if_locked
 
@@ -316,7 +316,7 @@ def finish_run(
     """Inside the lab's run: log and register the model (signature from `sample` inputs),
     write the DVC outputs (model.keras, history.csv, run.json) and log the history.
     Returns (run.json's content, model folder)."""
-    from dlilabs.fitting import save_outputs
+    from dlilabs.core.fitting import save_outputs
     from dlilabs.tracking.cards import write_card
     from dlilabs.tracking.sweep import job_output_dir
 

@@ -8,8 +8,8 @@ import pytest
 import tensorflow as tf
 
 from conftest import stage_env
-from dlilabs.device import select_device
-from dlilabs.errors import UserError
+from dlilabs.core.device import select_device
+from dlilabs.ground.errors import UserError
 
 
 def test_no_gpu_falls_back_to_cpu_and_says_so(caplog):

@@ -29,7 +29,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-from dlilabs.errors import UserError
+from dlilabs.ground.errors import UserError
 from dlilabs.tracking.postgres import (
     SUPERUSER_FILE,
     Postgres,
@@ -156,7 +156,7 @@ def _interrupt(signum, frame):
 
 def main(argv: list[str] | None = None) -> int:
     """`python -m dlilabs.server`: run PostgreSQL + MLflow until Ctrl-C or SIGTERM."""
-    from dlilabs.config import project_root
+    from dlilabs.ground.config import project_root
 
     parser = argparse.ArgumentParser("python -m dlilabs.server", description=__doc__.split("\n")[0])
     parser.add_argument("--port", type=int, default=5001, help="MLflow port (default 5001)")

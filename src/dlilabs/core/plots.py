@@ -22,8 +22,8 @@ import pandas as pd  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
-from dlilabs.errors import UserError  # noqa: E402
-from dlilabs.io import atomic_path  # noqa: E402
+from dlilabs.ground.errors import UserError  # noqa: E402
+from dlilabs.ground.io import atomic_path  # noqa: E402
 
 DPI = 100
 TRAIN, VAL, GAP, BEST = "tab:blue", "tab:orange", "tab:red", "tab:green"
@@ -154,9 +154,9 @@ def sample_grid(
 def augmented_batches(
     images: np.ndarray, labels: np.ndarray, num_classes: int, augment_cfg, seed: int, draws: int = 3
 ) -> list[np.ndarray]:
-    """The real input pipeline (dlilabs.data) run `draws` times over `images` (n, 28, 28)
+    """The real input pipeline (dlilabs.core.data) run `draws` times over `images` (n, 28, 28)
     uint8: a list of `draws` float arrays (n, 28, 28) in [0, 1], as the model is fed them."""
-    from dlilabs.data import build_augmenter, make_dataset
+    from dlilabs.core.data import build_augmenter, make_dataset
 
     dataset = make_dataset(
         images,

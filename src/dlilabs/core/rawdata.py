@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from dlilabs.errors import UserError
+from dlilabs.ground.errors import UserError
 
 Split = tuple[np.ndarray, np.ndarray]  # x uint8 (n, h, w), y int64 (n,)
 KERAS_KEYS = ("x_train", "y_train", "x_test", "y_test")

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from dlilabs.io import atomic_path, current_umask, write_json
+from dlilabs.ground.io import atomic_path, current_umask, write_json
 
 
 @pytest.fixture
@@ -40,7 +40,7 @@ def test_atomic_outputs_follow_the_umask(tmp_path, umask, mask, expected):
 def test_preprocess_outputs_are_readable_by_others(project, umask):
     """A real stage: the prepared splits and summary.json are 0644 under umask 022."""
     from dlilabs import preprocess
-    from dlilabs.config import compose
+    from dlilabs.ground.config import compose
 
     umask(0o022)
     rng = np.random.default_rng(0)

@@ -2,7 +2,7 @@
 
 import pytest
 
-from dlilabs.fitting import history_row, summary_metrics
+from dlilabs.core.fitting import history_row, summary_metrics
 
 
 def rows() -> list[dict[str, float]]:

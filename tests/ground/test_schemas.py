@@ -1,4 +1,4 @@
-"""Config mistakes are caught at the door: Hydra checks types against dlilabs.schemas while
+"""Config mistakes are caught at the door: Hydra checks types against dlilabs.ground.schemas while
 composing, `check_config` checks values before any data is loaded, and each mistake is one
 `error:` line naming the key (exit 2), with no run or model version left in MLflow."""
 
@@ -12,12 +12,12 @@ from pathlib import Path
 import pytest
 from hydra.errors import ConfigCompositionException
 
-from dlilabs.cli import config_error_line, keras_knows
-from dlilabs.config import compose
-from dlilabs.errors import UserError
-from dlilabs.schemas import LOSSES, MONITORS, OPTIMIZERS, check_config
+from dlilabs.entry import config_error_line, keras_knows
+from dlilabs.ground.config import compose
+from dlilabs.ground.errors import UserError
+from dlilabs.ground.schemas import LOSSES, MONITORS, OPTIMIZERS, check_config
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 EXPERIMENTS = sorted(path.stem for path in (REPO / "conf" / "experiment").glob("*.yaml"))
 
 
@@ -112,7 +112,7 @@ def test_keras_knows_every_name_the_lists_offer():
     """The lists are what the error messages offer: each must work in Keras as spelled."""
     import keras
 
-    from dlilabs.fitting import make_optimizer
+    from dlilabs.core.fitting import make_optimizer
 
     for name in OPTIMIZERS:
         assert isinstance(make_optimizer(name, 1e-3), keras.optimizers.Optimizer), name

@@ -13,7 +13,7 @@ from collections.abc import Callable
 
 import keras
 
-from dlilabs.fitting import history_row
+from dlilabs.core.fitting import history_row
 
 
 class TrialPruning(keras.callbacks.Callback):

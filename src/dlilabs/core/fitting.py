@@ -16,8 +16,8 @@ from pathlib import Path
 import keras
 import pandas as pd
 
-from dlilabs.errors import UserError
-from dlilabs.io import atomic_path, write_json
+from dlilabs.ground.errors import UserError
+from dlilabs.ground.io import atomic_path, write_json
 
 HISTORY_COLUMNS = (
     "train_loss",
@@ -27,7 +27,7 @@ HISTORY_COLUMNS = (
     "gap_loss",
     "gap_accuracy",
 )
-from dlilabs.schemas import OPTIMIZERS  # noqa: E402 (one list, shared with the config checks)
+from dlilabs.ground.schemas import OPTIMIZERS  # noqa: E402 (one list, shared with the config checks)
 
 
 def make_optimizer(optimizer: str, learning_rate: float | None) -> keras.optimizers.Optimizer:
@@ -124,7 +124,7 @@ def fit(
     """Fit a compiled model on tf.data batches, with `callbacks` (e.g. an MLflow logger);
     leave the best epoch's weights in `model`. Returns (history rows, best epoch, 1-based).
 
-    `augmenter` (dlilabs.data.build_augmenter) runs inside the training step, on the model's
+    `augmenter` (dlilabs.core.data.build_augmenter) runs inside the training step, on the model's
     device (a GPU's, see data.augment_in_model), in front of the model; `model` itself, the
     one to save, stays without it. None when the input pipeline augments, or nothing does."""
     history = EpochHistory()
@@ -133,7 +133,7 @@ def fit(
     verbose = 1 if sys.stdout.isatty() else 2
     trained = model
     if augmenter is not None:
-        from dlilabs.data import with_augmenter
+        from dlilabs.core.data import with_augmenter
 
         trained = with_augmenter(model, augmenter)
     # shuffle=False: the tf.data pipeline already reshuffles every epoch.

@@ -4,11 +4,11 @@ import numpy as np
 import pytest
 
 from conftest import make_images
-from dlilabs.config import compose
-from dlilabs.data import augment_in_model, build_augmenter, load_split, make_dataset
-from dlilabs.errors import UserError
-from dlilabs.fitting import fit, seed_everything
-from dlilabs.models import build_model
+from dlilabs.core.data import augment_in_model, build_augmenter, load_split, make_dataset
+from dlilabs.core.fitting import fit, seed_everything
+from dlilabs.core.models import build_model
+from dlilabs.ground.config import compose
+from dlilabs.ground.errors import UserError
 
 
 def test_batches_are_scaled_one_hot_and_cover_the_set_once():

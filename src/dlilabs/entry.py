@@ -2,7 +2,7 @@
 
 Top layer: it composes `conf/config.yaml` from the project the command runs in (so a DVC
 experiment folder's edited copy of `conf/` is the one used), checks the config's values
-before the task runs (`dlilabs.schemas.check_config`: before any data is loaded or run is
+before the task runs (`dlilabs.ground.schemas.check_config`: before any data is loaded or run is
 opened), prints a config mistake Hydra finds while composing (a value of the wrong type, an
 unknown option), a `UserError` or a lost tracking server as one `error:` line with exit
 code 2, and ends an unfinished sweep's parent run when a sweep stops early.
@@ -24,9 +24,9 @@ from hydra.errors import CompactHydraException
 from omegaconf import DictConfig
 from omegaconf.errors import OmegaConfBaseException
 
-from dlilabs.config import config_dir
-from dlilabs.errors import UserError
-from dlilabs.schemas import OPTIMIZERS, check_config
+from dlilabs.ground.config import config_dir
+from dlilabs.ground.errors import UserError
+from dlilabs.ground.schemas import OPTIMIZERS, check_config
 from dlilabs.tracking import close_unfinished_parent, job_result, tracking_user_error
 
 log = logging.getLogger("dlilabs")
