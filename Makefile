@@ -7,7 +7,7 @@ BIN    := $(VENV)/bin
 export PATH := $(abspath $(BIN)):$(PATH)
 
 .DEFAULT_GOAL := help
-.PHONY: help install dev test test-fast lint format demo repro bench ui server compare reproduce clean
+.PHONY: help install dev test test-fast lint format demo repro bench ui server compare reproduce cluster cluster-stop clean
 
 help: ## List the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -63,6 +63,12 @@ compare: install ## Labs side by side: build/reports/comparison.{png,md} (ARGS="
 
 reproduce: install ## Re-run a train run from its MLflow id, compare (RUN=<id>, ARGS=--worktree)
 	$(PY) -m dlilabs.reproduce $(RUN) $(ARGS)
+
+cluster: ## A one-node SLURM cluster with accounting on this machine (root; Debian packages)
+	bash scripts/cluster.sh
+
+cluster-stop: ## Stop the one-node SLURM cluster's daemons
+	bash scripts/cluster.sh stop
 
 clean: ## Remove pipeline outputs and logs (keeps .venv and the MLflow store)
 	rm -rf data models eval logs build
