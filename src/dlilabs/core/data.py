@@ -7,6 +7,7 @@ one pass over the (augmented) training set.
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import keras
@@ -91,6 +92,41 @@ def with_augmenter(model: keras.Model, augmenter: keras.Sequential) -> keras.Mod
     return wrapper
 
 
+def steps_per_epoch(count: int, batch_size: int) -> int:
+    """Batches in one epoch of `count` examples (the last one may be partial)."""
+    return -(-count // batch_size)
+
+
+def split_batches(count: int, batch_size: int, indices: tf.Tensor) -> tf.data.Dataset:
+    """An epoch's order, int64 (count,) -> its batches of indices, the last one partial."""
+    whole = count // batch_size * batch_size
+    batches = tf.data.Dataset.from_tensor_slices(tf.reshape(indices[:whole], (-1, batch_size)))
+    if whole < count:  # the last, partial batch
+        batches = batches.concatenate(tf.data.Dataset.from_tensors(indices[whole:]))
+    return batches
+
+
+def epoch_batches(
+    count: int, batch_size: int, seed: int, epochs: range, shuffle_buffer: int
+) -> tf.data.Dataset:
+    """Batches of indices for `epochs` (0-based) back to back, epoch e shuffled from (seed, e)
+    alone: one permutation when `shuffle_buffer` covers the set, a windowed shuffle else."""
+    if shuffle_buffer < count:
+        windowed = [
+            tf.data.Dataset.range(count)
+            .shuffle(shuffle_buffer, seed=seed * 100_003 + epoch)
+            .batch(batch_size)
+            for epoch in epochs
+        ]
+        return functools.reduce(tf.data.Dataset.concatenate, windowed)
+    orders = tf.data.Dataset.range(epochs.start, epochs.stop).map(
+        lambda epoch: tf.random.experimental.stateless_shuffle(
+            tf.range(count, dtype=tf.int64), seed=tf.stack([tf.constant(seed, tf.int64), epoch])
+        )
+    )
+    return orders.flat_map(functools.partial(split_batches, count, batch_size))
+
+
 def make_dataset(
     images: np.ndarray,
     labels: np.ndarray,
@@ -101,6 +137,7 @@ def make_dataset(
     augmenter: keras.Sequential | None = None,
     shuffle_buffer: int = 65536,
     threads: int | None = INPUT_THREADS,
+    epochs: range | None = None,
 ) -> tf.data.Dataset:
     """uint8 images (n, 28, 28) and int labels (n,) -> batches of (float32 (b, 28, 28) in [0, 1],
     one-hot float32 (b, num_classes)), shuffled each epoch when `shuffle`, augmented when given.
@@ -113,9 +150,16 @@ def make_dataset(
     of every epoch (half a second on MNIST) until the buffer was full.
 
     `threads`: the threads tf.data may use (one map call at a time, PREFETCH batches ahead, no
-    autotuner); None leaves it to tf.data's autotuner. The batches are the same either way."""
+    autotuner); None leaves it to tf.data's autotuner. The batches are the same either way.
+    `epochs` (with `shuffle`): the epochs to hold, back to back in one pass, e.g. range(3, 10)
+    for epochs 4..10; each epoch's order is then a function of (seed, epoch) alone, so a
+    training resumed at epoch k sees the batches an uninterrupted one saw (fit it with
+    steps_per_epoch = steps_per_epoch(count, batch_size)). None: one epoch per iteration,
+    reshuffled from `seed` on every new iteration."""
     count = len(images)
-    if shuffle and shuffle_buffer < count:
+    if shuffle and epochs is not None:
+        batches = epoch_batches(count, batch_size, seed or 0, epochs, shuffle_buffer)
+    elif shuffle and shuffle_buffer < count:
         # A windowed shuffle, as a tf.data shuffle buffer smaller than the set gives.
         batches = (
             tf.data.Dataset.range(count)
@@ -133,17 +177,7 @@ def make_dataset(
             )
         else:
             order = tf.data.Dataset.from_tensors(tf.range(count, dtype=tf.int64))
-        whole = count // batch_size * batch_size
-
-        def split(indices):
-            batches = tf.data.Dataset.from_tensor_slices(
-                tf.reshape(indices[:whole], (-1, batch_size))
-            )
-            if whole < count:  # the last, partial batch
-                batches = batches.concatenate(tf.data.Dataset.from_tensors(indices[whole:]))
-            return batches
-
-        batches = order.flat_map(split)
+        batches = order.flat_map(functools.partial(split_batches, count, batch_size))
     arrays = tf.data.Dataset.from_tensors((images, labels)).repeat()
 
     def gather_scale_encode(indices, arrays):
@@ -175,6 +209,6 @@ def make_dataset(
         options.autotune.enabled = False
     # flat_map hides the epoch's length; stating it lets Keras show progress out of N batches
     # and end each epoch without "input ran out of data" warnings.
-    batches_per_epoch = -(-count // batch_size)
-    dataset = dataset.apply(tf.data.experimental.assert_cardinality(batches_per_epoch))
+    batches = steps_per_epoch(count, batch_size) * (len(epochs) if shuffle and epochs else 1)
+    dataset = dataset.apply(tf.data.experimental.assert_cardinality(batches))
     return dataset.with_options(options).prefetch(PREFETCH if threads else tf.data.AUTOTUNE)

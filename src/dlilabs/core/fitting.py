@@ -10,14 +10,19 @@ is `gap_accuracy` = train - val and `gap_loss` = val - train: positive means ove
 
 from __future__ import annotations
 
+import logging
 import sys
 from pathlib import Path
 
 import keras
 import pandas as pd
 
+from dlilabs.core import checkpoint
+from dlilabs.core.checkpoint import EpochCheckpoint, Plan
 from dlilabs.ground.errors import UserError
 from dlilabs.ground.io import atomic_path, write_json
+
+log = logging.getLogger("dlilabs.fitting")
 
 HISTORY_COLUMNS = (
     "train_loss",
@@ -120,13 +125,21 @@ def fit(
     monitor: str,
     callbacks: list | None = None,
     augmenter: keras.Sequential | None = None,
+    checkpoint: Plan | None = None,
 ) -> tuple[list[dict[str, float]], int]:
     """Fit a compiled model on tf.data batches, with `callbacks` (e.g. an MLflow logger);
     leave the best epoch's weights in `model`. Returns (history rows, best epoch, 1-based).
 
-    `augmenter` (dlilabs.core.data.build_augmenter) runs inside the training step, on the model's
-    device (a GPU's, see data.augment_in_model), in front of the model; `model` itself, the
-    one to save, stays without it. None when the input pipeline augments, or nothing does."""
+    `train_data`: a tf.data dataset, one epoch per iteration; or a function epoch (0-based)
+    -> that epoch's batches (`data.make_dataset(epochs=range(e, e + 1))`), called once per
+    epoch, so that each epoch's batches depend on the seed and the epoch alone.
+    `augmenter` (dlilabs.core.data.build_augmenter) runs inside the training step, on the
+    model's device (a GPU's, see data.augment_in_model), in front of the model; `model`
+    itself, the one to save, stays without it. None when the input pipeline augments, or
+    nothing does.
+    `checkpoint` (dlilabs.core.checkpoint.Plan; needs `train_data` by epoch): write an epoch
+    checkpoint after every epoch and, if the plan has one to resume, start after its epoch
+    with its variables, history and best epoch."""
     history = EpochHistory()
     best = KeepBestWeights(monitor)
     # One line per epoch when logs go to a file (DVC, SLURM); a live bar in a terminal.
@@ -136,19 +149,57 @@ def fit(
         from dlilabs.core.data import with_augmenter
 
         trained = with_augmenter(model, augmenter)
-    # shuffle=False: the tf.data pipeline already reshuffles every epoch.
-    trained.fit(
-        train_data,
-        validation_data=val_data,
-        epochs=epochs,
-        shuffle=False,
-        callbacks=[*(callbacks or []), history, best],
-        verbose=verbose,
-    )
+    extra = []
+    if checkpoint is not None:
+        resume_from(checkpoint, trained, history, best)
+        extra.append(
+            EpochCheckpoint(
+                checkpoint.folder, best, history.rows, checkpoint.augmenter, checkpoint.extra
+            )
+        )
+    every = [*(callbacks or []), history, best, *extra]
+    # shuffle=False: the tf.data pipeline already shuffles every epoch.
+    if callable(train_data):
+        # One fit call per epoch, each on that epoch's own batches. (Keras' steps_per_epoch
+        # over one long stream would run whole steps_per_execution chunks, past the epoch.)
+        for epoch in range(checkpoint.first_epoch if checkpoint else 0, epochs):
+            trained.fit(
+                train_data(epoch),
+                validation_data=val_data,
+                initial_epoch=epoch,
+                epochs=epoch + 1,
+                shuffle=False,
+                callbacks=every,
+                verbose=verbose,
+            )
+            if trained.stop_training:  # a pruned trial
+                break
+    else:
+        trained.fit(
+            train_data,
+            validation_data=val_data,
+            epochs=epochs,
+            shuffle=False,
+            callbacks=every,
+            verbose=verbose,
+        )
     best.restore()  # the wrapper shares the model's layers: this restores the model's weights
     if trained is not model:  # save the model with the optimizer that trained it
         model.optimizer = trained.optimizer
     return history.rows, best.best_epoch or len(history.rows)
+
+
+def resume_from(plan: Plan, trained: keras.Model, history: EpochHistory, best) -> None:
+    """Load `plan`'s checkpoint, if any, into the compiled model being trained, the history
+    rows and the best-epoch tracker (a KeepBestWeights)."""
+    resumed = plan.resumed
+    if resumed is None:
+        return
+    checkpoint.restore(resumed, trained, plan.augmenter)
+    history.rows.extend(resumed.rows)
+    best.best_value, best.best_epoch = resumed.best_value, resumed.best_epoch
+    best.best_weights = checkpoint.best_weights(resumed)
+    log.info("Resuming from the checkpoint of epoch %d in %s", resumed.epoch, resumed.folder)
 
 
 def summary_metrics(rows: list[dict[str, float]], best_epoch: int) -> dict[str, float]:

@@ -91,6 +91,7 @@ class TrainerConfig:
     monitor: str = MISSING
     steps_per_execution: int = MISSING
     augment_on: str = MISSING
+    checkpoint: bool = MISSING
 
 
 @dataclass

@@ -12,6 +12,8 @@
     query       finding finished lab runs (dlilabs.compare)
     sweep       Hydra multirun as one parent run with a child per job
     resume      re-running a stopped sweep runs only what it had not finished
+    restart     a run stopped mid-training continues from its epoch checkpoint, same run
+    slurm       sweeps on SLURM that wait for every job; where a run ran (slurm.* tags)
     search      Optuna as a Hydra sweeper (hydra/sweeper=optuna), its study in a store
     trial       a search job's side: its reopened trial, pruning, its objective
     teamserver  the team server: `mlflow server` (optionally with its login) over...
@@ -56,6 +58,10 @@ _EXPORTS = {
     "find_stale": "reconcile",
     "end_stale": "reconcile",
     "running_runs": "reconcile",
+    "restartable": "restart",
+    "resume_tags": "restart",
+    "log_missing_epochs": "restart",
+    "run_tag": "restart",
 }
 __all__ = sorted(_EXPORTS)
 

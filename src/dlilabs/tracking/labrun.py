@@ -254,9 +254,17 @@ def lab_run(
     process's peak memory, `memory/peak_mb`."""
     try:
         previous_handler = signal.signal(signal.SIGTERM, _interrupt)
+        # SLURM's warning before a preemption or the time limit (--signal=USR2@...): stop as
+        # for SIGTERM; the epoch checkpoint lets the same command continue. Under submitit
+        # its own handler stays: it requeues the job, which then continues the run.
+        previous_usr2 = signal.getsignal(signal.SIGUSR2)
+        if previous_usr2 in (signal.SIG_DFL, None):
+            signal.signal(signal.SIGUSR2, _interrupt)
     except ValueError:  # not the main thread: leave signals alone
         previous_handler = None
-    tags = {**(tags or {}), **owner_tags()}  # a resumed run changes owner
+    from dlilabs.tracking.slurm import slurm_tags
+
+    tags = {**(tags or {}), **owner_tags(), **slurm_tags()}  # a resumed run changes owner
     run = mlflow.start_run(
         run_id=run_id,
         run_name=None if run_id else run_name,
@@ -267,7 +275,7 @@ def lab_run(
     status = "FINISHED"
     try:
         yield run
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, SystemExit):  # a signal, or submitit's exit to be requeued
         status = "KILLED"
         raise
     except BaseException:
@@ -280,6 +288,7 @@ def lab_run(
         mlflow.end_run(status)
         if previous_handler is not None:
             signal.signal(signal.SIGTERM, previous_handler)
+            signal.signal(signal.SIGUSR2, previous_usr2 or signal.SIG_DFL)
 
 
 def data_tags(train_file: Path, val_file: Path, train_rows: int, val_rows: int) -> dict:

@@ -1,0 +1,96 @@
+"""A run stopped mid-training by a signal continues from its last epoch checkpoint when the
+same command runs again: same MLflow run, every epoch once, and (deterministic) exactly the
+numbers of a run that was never stopped."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+
+import mlflow
+import pytest
+from conftest import stage_env, write_prepared
+
+from dlilabs.ground.config import compose
+from dlilabs.tracking.restart import checkpoint_folder, config_digest
+
+pytestmark = pytest.mark.slow
+
+OVERRIDES = [
+    "experiment=mnist_mlp",
+    "trainer.epochs=6",
+    "trainer.deterministic=true",
+    "model.hidden_units=[256,256]",
+    "tracking.register_models=false",
+    "tracking.system_metrics=false",
+]
+
+
+def train(project, *extra: str) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "dlilabs.train", *OVERRIDES, *extra],
+        cwd=project,
+        env=stage_env(project),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+
+
+def runs(project):
+    mlflow.set_tracking_uri(f"sqlite:///{project / 'mlflow.db'}")
+    return mlflow.search_runs(experiment_names=["dlilabs"], output_format="list")
+
+
+def test_config_digest_ignores_paths_but_not_settings(project):
+    base = compose(OVERRIDES)
+    moved = compose([*OVERRIDES, "paths.root=/elsewhere"])
+    other = compose([*OVERRIDES, "trainer.seed=1"])
+    assert config_digest(base) == config_digest(moved)
+    assert config_digest(base) != config_digest(other)
+    assert checkpoint_folder(base).name.startswith("mnist_mlp-")
+
+
+@pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGUSR2])
+def test_a_stopped_run_resumes_in_the_same_run_with_the_uninterrupted_numbers(project, stop):
+    write_prepared(project / "data" / "prepared" / "mnist", 6000, 300, 10)
+    whole = train(project)
+    output = whole.communicate(timeout=600)[0]
+    assert whole.returncode == 0, output
+    (uninterrupted,) = runs(project)
+
+    folder = checkpoint_folder(compose(OVERRIDES))
+    assert not folder.exists()  # removed once the run finished
+    stopped = train(project, "sweep.resume=false")  # sweep.resume: not part of the identity
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        state = folder / "state.json"
+        if state.is_file() and json.loads(state.read_text())["epoch"] >= 2:
+            break
+        time.sleep(0.05)
+    stopped.send_signal(stop)
+    output = stopped.communicate(timeout=120)[0]
+    assert stopped.returncode != 0, output
+    interrupted = next(r for r in runs(project) if r.info.run_id != uninterrupted.info.run_id)
+    assert interrupted.info.status == "KILLED"
+    done = json.loads((folder / "state.json").read_text())["epoch"]
+    assert 2 <= done < 6
+
+    resumed = train(project)
+    output = resumed.communicate(timeout=600)[0]
+    assert resumed.returncode == 0, output
+    assert f"Continuing MLflow run {interrupted.info.run_id} after epoch {done}" in output
+    assert len(runs(project)) == 2  # the stopped run was continued, not started anew
+    run = mlflow.get_run(interrupted.info.run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.tags["resume.count"] == "1"
+    assert run.data.tags["resume.from_epoch"] == str(done)
+    history = mlflow.MlflowClient().get_metric_history(run.info.run_id, "val/accuracy")
+    assert sorted(metric.step for metric in history) == [1, 2, 3, 4, 5, 6]  # each epoch once
+    for name, value in uninterrupted.data.metrics.items():
+        if name.startswith(("train/", "val/", "gap/", "best", "final/")):
+            assert run.data.metrics[name] == value, name
+    assert not folder.exists()
