@@ -1,0 +1,244 @@
+"""Sweeps on a real SLURM cluster (`make cluster`: one node with accounting, started by CI):
+every job is waited for, a cancelled job is named with the command that resumes it, a
+requeued job continues its own run from its checkpoint, and every run says where it ran."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import time
+
+import mlflow
+import pytest
+
+from conftest import stage_env, write_prepared
+
+pytestmark = [pytest.mark.slow, pytest.mark.slurm]
+
+
+def cluster_up() -> bool:
+    if shutil.which("sinfo") is None:
+        return False
+    states = subprocess.run(["sinfo", "-h", "-o", "%T"], capture_output=True, text=True)
+    return states.returncode == 0 and any(
+        state.startswith(("idle", "mixed", "allocated")) for state in states.stdout.split()
+    )
+
+
+@pytest.fixture(autouse=True)
+def _cluster():
+    if not cluster_up():
+        pytest.skip("no SLURM cluster here: `make cluster` (as root) starts a one-node one")
+
+
+CPU_JOBS = [
+    "hydra/launcher=slurm",
+    "hydra.launcher.gpus_per_node=0",
+    "hydra.launcher.cpus_per_task=1",
+    "hydra.launcher.mem_gb=3",
+    "hydra.launcher.timeout_min=20",
+    "tracking.register_models=false",
+    "tracking.system_metrics=false",
+    "trainer.threads=1",
+]
+
+
+def sweep(project, *overrides: str) -> subprocess.Popen:
+    return subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "dlilabs.train",
+            "-m",
+            "experiment=mnist_mlp",
+            *CPU_JOBS,
+            *overrides,
+        ],
+        cwd=project,
+        env=stage_env(project),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def runs(project):
+    mlflow.set_tracking_uri(f"sqlite:///{project / 'mlflow.db'}")
+    return mlflow.search_runs(experiment_names=["dlilabs"], output_format="list")
+
+
+def test_a_grid_sweep_runs_every_job_on_slurm_and_says_where(project):
+    write_prepared(project / "data" / "prepared" / "mnist", 400, 100, 10)
+    process = sweep(project, "trainer.epochs=2", "model.hidden_units=[16],[32]")
+    out, err = process.communicate(timeout=600)
+    assert process.returncode == 0, out + err
+    found = runs(project)
+    parents = [run for run in found if run.data.tags.get("sweep") == "parent"]
+    children = [run for run in found if run.data.tags.get("sweep") == "child"]
+    assert [parent.info.status for parent in parents] == ["FINISHED"]
+    assert sorted(run.info.status for run in children) == ["FINISHED", "FINISHED"]
+    assert {run.data.params["model.hidden_units"] for run in children} == {"[16]", "[32]"}
+    array_ids = {run.data.tags["slurm.array_job_id"] for run in children}
+    assert len(array_ids) == 1  # one array job for the sweep
+    assert sorted(run.data.tags["slurm.array_task_id"] for run in children) == ["0", "1"]
+    for run in children:
+        tags = run.data.tags
+        assert tags["slurm.job_id"].isdigit()
+        assert tags["slurm.node"] == subprocess.check_output(["hostname", "-s"], text=True).strip()
+        assert tags["slurm.restart_count"] == "0"
+        assert tags["mlflow.parentRunId"] == parents[0].info.run_id
+        log_file = project.joinpath(tags["slurm.log"])
+        assert log_file.is_file() and log_file.name.startswith(tags["slurm.array_job_id"] + "_")
+
+
+def checkpoints(project) -> dict[str, dict]:
+    """{run id: checkpoint state} of the runs training now."""
+    found = {}
+    for state in (project / "checkpoints").glob("*/state.json"):
+        try:
+            content = json.loads(state.read_text())
+        except (OSError, ValueError):
+            continue
+        found[content["extra"].get("run_id")] = content
+    return found
+
+
+def job_of(run_id: str) -> str:
+    return mlflow.get_run(run_id).data.tags["slurm.job_id"]
+
+
+def wait_for(condition, timeout=300, what="a condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        found = condition()
+        if found:
+            return found
+        time.sleep(0.5)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def test_cancelled_and_requeued_jobs_never_lose_the_sweep(project):
+    write_prepared(project / "data" / "prepared" / "mnist", 6000, 200, 10)
+    command = ["trainer.epochs=12", "model.hidden_units=[128],[256]"]
+    process = sweep(project, *command)
+    runs(project)  # point mlflow at the store
+
+    # Both jobs run (2 cores, 1 CPU each); wait until each has checkpointed 2 epochs.
+    def two_epochs_each():
+        states = checkpoints(project)
+        return (
+            states if len(states) == 2 and all(s["epoch"] >= 2 for s in states.values()) else None
+        )
+
+    states = wait_for(two_epochs_each, what="both jobs to checkpoint epoch 2")
+    by_units = {
+        mlflow.get_run(run_id).data.params["model.hidden_units"]: run_id for run_id in states
+    }
+    cancelled, requeued = by_units["[128]"], by_units["[256]"]
+    subprocess.run(["scancel", job_of(cancelled)], check=True)
+    requeued_job = job_of(requeued)
+    subprocess.run(["scontrol", "requeue", requeued_job], check=True)
+    # SLURM holds a requeued job back a while (its BeginTime); a test need not wait for it.
+    wait_for(
+        lambda: (
+            subprocess.run(
+                ["scontrol", "update", f"jobid={requeued_job}", "starttime=now"],
+                capture_output=True,
+            ).returncode
+            == 0
+        ),
+        timeout=60,
+        what="the requeued job to be pending",
+    )
+    out, err = process.communicate(timeout=600)
+    assert process.returncode != 0, out + err
+    # One line names the lost combination, its cause and its run; then the command to resume.
+    lost = [line for line in err.splitlines() if "model.hidden_units=[128]" in line]
+    assert len(lost) == 1 and "cancelled (scancel)" in lost[0] and cancelled in lost[0], err
+    assert "resume them" in err and "dlilabs.train -m experiment=mnist_mlp" in err
+
+    found = {run.info.run_id: run for run in runs(project)}
+    parent = next(run for run in found.values() if run.data.tags.get("sweep") == "parent")
+    assert parent.info.status == "FAILED"
+    assert found[cancelled].info.status == "KILLED"
+    assert "CANCELLED" in found[cancelled].data.tags["slurm.end_cause"]
+    # The requeued job came back and continued its own run: one run, every epoch once.
+    survivor = found[requeued]
+    assert survivor.info.status == "FINISHED"
+    assert survivor.data.tags["slurm.restart_count"] == "1"
+    assert survivor.data.tags["resume.count"] == "1"
+    steps = mlflow.MlflowClient().get_metric_history(requeued, "val/accuracy")
+    assert sorted(metric.step for metric in steps) == list(range(1, 13))
+    assert len(found) == 3  # parent + one child per combination
+
+    # Re-running the sweep trains only the lost combination, continuing its own run.
+    again = sweep(project, *command)
+    out, err = again.communicate(timeout=600)
+    assert again.returncode == 0, out + err
+    found = {run.info.run_id: run for run in runs(project)}
+    assert len(found) == 3
+    assert found[parent.info.run_id].info.status == "FINISHED"
+    assert found[cancelled].info.status == "FINISHED"
+    assert found[cancelled].data.tags["resume.count"] == "1"
+    steps = mlflow.MlflowClient().get_metric_history(cancelled, "val/accuracy")
+    assert sorted(metric.step for metric in steps) == list(range(1, 13))
+    assert not list((project / "checkpoints").glob("*/state.json"))  # removed once finished
+
+
+def test_dvc_repro_runs_the_train_stage_as_a_slurm_job_and_evaluate_here(tmp_path):
+    from conftest import REPO
+    from dlilabs.demo import make_workspace
+
+    workspace = make_workspace(REPO, tmp_path / "repo", epochs=1, git=True, story=False)
+    params = workspace / "params.yaml"
+    launcher = "srun --cpus-per-task=1 --mem=3G --time=10"
+    params.write_text(params.read_text().replace("launcher: ''", f"launcher: {launcher}"))
+    assert launcher in params.read_text()
+    stages = ["train@mnist_mlp", "evaluate@mnist_mlp"]
+    first = subprocess.Popen(
+        [sys.executable, "-m", "dvc", "repro", *stages],
+        cwd=workspace,
+        env=stage_env(workspace, DLILABS_STORE_DIR=str(workspace)),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    # A second `dvc repro` of the same checkout while the first waits for its SLURM job:
+    # DVC's repository lock refuses it in so many words, and the first one goes on.
+    wait_for(
+        lambda: subprocess.run(["squeue", "-h"], capture_output=True, text=True).stdout.strip(),
+        timeout=600,
+        what="the train stage's SLURM job",
+    )
+    second = subprocess.run(
+        [sys.executable, "-m", "dvc", "repro", *stages],
+        cwd=workspace,
+        env=stage_env(workspace, DLILABS_STORE_DIR=str(workspace)),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert second.returncode != 0
+    assert "Unable to acquire lock" in second.stdout + second.stderr
+    out = first.communicate(timeout=900)[0]
+    assert first.returncode == 0, out
+    client = mlflow.MlflowClient(f"sqlite:///{workspace}/mlflow.db")
+    experiment = client.get_experiment_by_name("dlilabs-demo")
+    (run,) = client.search_runs([experiment.experiment_id], "tags.lab = 'mnist_mlp'")
+    job = run.data.tags["slurm.job_id"]  # the train stage ran inside a SLURM job
+    assert run.data.tags["dvc.stage"] == "train@mnist_mlp"
+    assert "eval/val_accuracy" in run.data.metrics  # evaluate ran after it, here
+    accounted = subprocess.run(
+        ["sacct", "-n", "-P", "-X", "-j", job, "-o", "State"], capture_output=True, text=True
+    )
+    assert accounted.stdout.split() == ["COMPLETED"]
+    status = subprocess.run(
+        [sys.executable, "-m", "dvc", "status", *stages],
+        cwd=workspace,
+        env=stage_env(workspace, DLILABS_STORE_DIR=str(workspace)),
+        capture_output=True,
+        text=True,
+    )
+    assert "up to date" in status.stdout, status.stdout
