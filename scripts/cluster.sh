@@ -66,6 +66,9 @@ ClusterName=$CLUSTER
 SlurmctldHost=$NODE
 SlurmUser=root
 AuthType=auth/munge
+# A requeued job waits cred_expire seconds before it starts again (120 by default): shorter
+# here, so a test of preemption does not sit idle.
+AuthInfo=cred_expire=10
 StateSaveLocation=$STATE/ctld
 SlurmdSpoolDir=$STATE/d
 SlurmctldPidFile=$STATE/slurmctld.pid
@@ -116,7 +119,7 @@ fi
 chmod 600 $CONF/slurmdbd.conf
 if $changed; then  # daemons started with an older configuration start again
     for daemon in slurmd slurmctld slurmdbd; do pkill -x "$daemon" 2>/dev/null || true; done
-    sleep 1
+    for _ in $(seq 40); do pgrep -x 'slurmd|slurmctld|slurmdbd' >/dev/null || break; sleep 0.25; done
 fi
 
 # 5. Daemons: accounting first (the cluster registers with it), then the controller, the node.

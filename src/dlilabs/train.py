@@ -17,6 +17,7 @@ from omegaconf import DictConfig
 from dlilabs import tracking
 from dlilabs.core.fitting import fit, make_optimizer, seed_everything, summary_metrics
 from dlilabs.entry import stage_main
+from dlilabs.ground.errors import UserError
 
 log = logging.getLogger("dlilabs.train")
 
@@ -28,9 +29,13 @@ def train_lab(cfg: DictConfig) -> dict:
 
     trainer = cfg.trainer
     # The device is settled before any data is loaded, so "GPU required" fails fast.
-    device = select_device(
-        trainer.device, trainer.require_gpu, trainer.memory_growth, trainer.mixed_precision
-    )
+    try:
+        device = select_device(
+            trainer.device, trainer.require_gpu, trainer.memory_growth, trainer.mixed_precision
+        )
+    except UserError as error:  # on a cluster node, a FAILED run says where and why
+        tracking.record_failed_start(cfg, str(error))
+        raise
     configure_threads(trainer.threads)
     seed_everything(trainer.seed, trainer.deterministic)
     prepared = Path(cfg.paths.prepared_dir)

@@ -72,6 +72,25 @@ def slurm_tags() -> dict[str, str]:
     return tags
 
 
+def record_failed_start(cfg, error: str) -> None:
+    """In a SLURM job, a job that cannot start (no GPU on a node that should have one) still
+    leaves a FAILED run saying where it ran and why (tag `error`); outside SLURM, nothing."""
+    tags = slurm_tags()
+    if not tags:
+        return
+    import mlflow
+
+    from dlilabs.tracking.store import connect
+    from dlilabs.tracking.sweep import child_tags_and_name, job_overrides
+
+    experiment_id = connect(cfg.tracking)
+    sweep_tags, name = child_tags_and_name(cfg.get("run_name") or cfg.lab, job_overrides())
+    client = mlflow.MlflowClient()
+    tags = {**tags, **sweep_tags, "lab": str(cfg.lab), "error": error[:5000]}
+    run = client.create_run(experiment_id, run_name=name, tags=tags)
+    client.set_terminated(run.info.run_id, "FAILED")
+
+
 def job_states(job_ids: list[str]) -> dict[str, str]:
     """{job id: SLURM state} for the jobs SLURM still knows (`scontrol`, then `sacct` for the
     ones scontrol has forgotten); array tasks are named `<array id>_<index>`."""
