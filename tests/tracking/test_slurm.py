@@ -147,8 +147,10 @@ def test_cancelled_and_requeued_jobs_never_lose_the_sweep(project):
     out, err = process.communicate(timeout=600)
     assert process.returncode != 0, out + err
     # One line names the lost combination, its cause and its run; then the command to resume.
-    lost = [line for line in err.splitlines() if "model.hidden_units=[128]" in line]
-    assert len(lost) == 1 and "cancelled (scancel)" in lost[0] and cancelled in lost[0], err
+    lost = [line for line in err.splitlines() if line.startswith("  model.hidden_units=")]
+    assert len(lost) == 1, err
+    assert lost[0].startswith("  model.hidden_units=[128]: job ")
+    assert "cancelled (scancel)" in lost[0] and cancelled in lost[0], err
     assert "resume them" in err and "dlilabs.train -m experiment=mnist_mlp" in err
 
     found = {run.info.run_id: run for run in runs(project)}
@@ -243,10 +245,20 @@ def test_a_job_that_requires_a_gpu_on_a_cpu_node_fails_at_once_with_a_failed_run
     out, err = process.communicate(timeout=600)
     assert process.returncode != 0
     assert time.monotonic() - started < 180  # seconds per job, not a training's time
-    lost = [line for line in err.splitlines() if "trainer.epochs=" in line and "job " in line]
-    assert len(lost) == 2, err
+    lost = [line for line in err.splitlines() if line.startswith("  trainer.epochs=")]
+    assert len(lost) == 2 and all(" failed" in line for line in lost), err
     children = [run for run in runs(project) if run.data.tags.get("sweep") == "child"]
     assert sorted(run.info.status for run in children) == ["FAILED", "FAILED"]
     for run in children:
         assert "GPU" in run.data.tags["error"] and run.data.tags["slurm.node"]
         assert run.data.tags["slurm.end_cause"]
+
+
+def test_a_job_over_its_memory_limit_is_named_with_its_cause(project):
+    # 300 MB is less than TensorFlow needs to start: SLURM kills the job (OverMemoryKill).
+    write_prepared(project / "data" / "prepared" / "mnist", 400, 100, 10)
+    limit = ["hydra.launcher.mem_gb=null", "hydra.launcher.mem_per_cpu=300M"]
+    process = sweep(project, "trainer.epochs=1", *limit)
+    out, err = process.communicate(timeout=600)
+    assert process.returncode != 0, out + err
+    assert "exceeded its memory limit (OUT_OF_MEMORY)" in err, err

@@ -187,6 +187,22 @@ def end_lost_run(overrides: list[str], cause: str, state: str) -> str | None:
     return run.info.run_id
 
 
+def varying(job_overrides, index: int) -> list[str]:
+    """The overrides of job `index` that differ between the sweep's jobs (all of them for a
+    one-job sweep): what names its combination."""
+    from hydra.core.utils import filter_overrides
+
+    values: dict[str, set[str]] = {}
+    for overrides in job_overrides:
+        for override in filter_overrides(list(overrides)):
+            key, _, value = override.partition("=")
+            values.setdefault(key, set()).add(value)
+    own = filter_overrides(list(job_overrides[index]))
+    if len(job_overrides) == 1:
+        return own
+    return [override for override in own if len(values[override.partition("=")[0]]) > 1]
+
+
 def launch(launcher, job_overrides, initial_job_idx: int) -> list:
     """`hydra/launcher=slurm`'s launch: submit the jobs as Hydra's submitit launcher does,
     wait for all of them, and raise a UserError naming the lost ones (see module doc)."""
@@ -231,7 +247,7 @@ def launch(launcher, job_overrides, initial_job_idx: int) -> list:
         overrides = list(job_overrides[index])
         state = cause.rsplit("(", 1)[-1].rstrip(")")
         run_id = end_lost_run(overrides, cause, state)
-        combination = " ".join(filter_overrides(overrides)) or "(defaults)"
+        combination = " ".join(varying(job_overrides, index)) or "(defaults)"
         where = f"run {run_id}" if run_id else "no run started"
         job = jobs[index]
         lines.append(f"  {combination}: job {job.job_id} {cause}; {where}; log {job.paths.stderr}")
