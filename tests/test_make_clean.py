@@ -49,11 +49,10 @@ def test_clean_removes_outputs_and_keeps_the_stores(tmp_path):
 
 def test_make_help_says_what_clean_removes_and_keeps():
     shown = subprocess.run(["make", "help"], cwd=REPO, capture_output=True, text=True).stdout
-    (line,) = [line for line in shown.splitlines() if line.split()[:2] == ["make", "clean"]]
-    assert all(f"{folder}/" in line for folder in REMOVED)
-    assert all(store in line for store in ("mlflow.db", "mlartifacts/", ".server/"))
-    server_line = next(line for line in shown.splitlines() if line.split()[:2] == ["make", "server"])
-    assert ".server/" in server_line
+    lines = {line.split()[1]: line for line in shown.splitlines() if line.startswith("  make ")}
+    assert all(f"{folder}/" in lines["clean"] for folder in REMOVED)
+    assert all(store in lines["clean"] for store in ("mlflow.db", "mlartifacts/", ".server/"))
+    assert ".server/" in lines["server"]
 
 
 def refused(result: subprocess.CompletedProcess, root: Path) -> str:
