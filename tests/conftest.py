@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
 import sys
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -68,16 +69,48 @@ def tiny_mnist(project) -> Path:
     return write_prepared(project / "data" / "prepared" / "mnist", 320, 80, 10)
 
 
-def stage_env(root: Path, **extra: str) -> dict[str, str]:
-    """Environment for running a stage as a subprocess against the project at `root`."""
-    env = {
-        key: value
-        for key, value in os.environ.items()
-        if key not in ("MLFLOW_TRACKING_URI", "DLILABS_STORE_DIR", "DVC_STAGE")
-    }
-    env.update(DLILABS_ROOT=str(root), PATH=f"{Path(sys.executable).parent}:{env['PATH']}")
+def command_env(drop: tuple[str, ...] = (), **extra: str) -> dict[str, str]:
+    """This process's environment for a command a test runs: this interpreter's bin/ first on
+    PATH (its dvc, python), without an earlier test's store choice (MLFLOW_TRACKING_URI,
+    DLILABS_STORE_DIR) or DVC's stage variable, less `drop`, plus `extra`."""
+    dropped = {"MLFLOW_TRACKING_URI", "DLILABS_STORE_DIR", "DVC_STAGE", *drop}
+    env = {key: value for key, value in os.environ.items() if key not in dropped}
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     env.update(extra)
     return env
+
+
+def stage_env(root: Path, **extra: str) -> dict[str, str]:
+    """Environment for running a stage as a subprocess against the project at `root`."""
+    return command_env(DLILABS_ROOT=str(root), **extra)
+
+
+def dvc(
+    workspace: Path,
+    *args: str,
+    check: bool = True,
+    timeout: float = 900,
+    store_dir: Path | None = None,
+    drop: tuple[str, ...] = (),
+    **extra: str,
+) -> subprocess.CompletedProcess:
+    """Run this interpreter's `dvc *args` in `workspace`, output captured as text. Its stages
+    find the workspace's conf/ themselves (no DLILABS_ROOT) and log to `store_dir` when given
+    (else the store they find). `check`: fail the test on a non-zero exit, showing the output."""
+    env = command_env(drop=("DLILABS_ROOT", *drop), **extra)
+    if store_dir is not None:
+        env["DLILABS_STORE_DIR"] = str(store_dir)
+    result = subprocess.run(
+        [sys.executable, "-m", "dvc", *args],
+        cwd=workspace,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    if check:
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result
 
 
 class Handler(BaseHTTPRequestHandler):

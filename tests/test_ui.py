@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import os
 import re
-import socket
 import subprocess
 import sys
 import time
@@ -22,6 +21,7 @@ from mlflow import MlflowClient
 from PIL import Image
 
 from conftest import REPO
+from dlilabs.tracking.postgres import free_port
 
 pytestmark = pytest.mark.slow
 
@@ -35,12 +35,6 @@ PICTURES = {
     for name in ("learning_curves.png", "confusion.png", "train_inputs.png")
 }
 PICTURES["samples.png"] = "data/prepared/mnist_demo/samples.png"
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def wait_until_healthy(url: str, process: subprocess.Popen, seconds: float = 180) -> None:
