@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import io
 import os
 import shutil
 import subprocess
 import sys
 import threading
+import zipfile
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -67,6 +69,18 @@ def write_prepared(folder: Path, train_count: int, val_count: int, num_classes: 
 def tiny_mnist(project) -> Path:
     """Synthetic prepared `mnist` splits (320 train, 80 val) inside `project`."""
     return write_prepared(project / "data" / "prepared" / "mnist", 320, 80, 10)
+
+
+def kaggle_zip(train: bytes, test: bytes, top_train: bytes | None = None) -> bytes:
+    """A zip laid out like Kaggle's archive.zip: the train CSV at the top (`top_train`, default
+    `train`) and in a folder, the test CSV only in a folder, and a picture."""
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as archive:
+        archive.writestr("sign_mnist_train.csv", train if top_train is None else top_train)
+        archive.writestr("sign_mnist_train/sign_mnist_train.csv", train)
+        archive.writestr("sign_mnist_test/sign_mnist_test.csv", test)
+        archive.writestr("amer_sign2.png", b"\x89PNG not really")
+    return buffer.getvalue()
 
 
 def command_env(drop: tuple[str, ...] = (), **extra: str) -> dict[str, str]:

@@ -9,11 +9,9 @@ a copy whose sha256 is not an accepted one (saying how to accept it), and take i
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import os
 import subprocess
-import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +19,7 @@ import pytest
 import yaml
 
 import conftest
-from conftest import REPO
+from conftest import REPO, kaggle_zip
 from dlilabs.demo import make_workspace
 from dlilabs.tracking.postgres import free_port
 
@@ -38,17 +36,6 @@ def sign_csv(rows: int, seed: int, newline: str = "\r\n") -> bytes:
         for row in range(rows)
     ]
     return (newline.join(lines) + newline).encode()
-
-
-def kaggle_zip(train: bytes, test: bytes) -> bytes:
-    """A zip laid out like Kaggle's archive.zip."""
-    buffer = io.BytesIO()
-    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as archive:
-        archive.writestr("sign_mnist_train.csv", train)
-        archive.writestr("sign_mnist_train/sign_mnist_train.csv", train)
-        archive.writestr("sign_mnist_test/sign_mnist_test.csv", test)
-        archive.writestr("amer_sign2.png", b"\x89PNG not really")
-    return buffer.getvalue()
 
 
 def closed_port_url() -> str:
