@@ -180,10 +180,14 @@ def test_run_page_shows_the_gap_metric(ui, store, browser):
     close_assistant(browser)
     gap = wait_for(browser, visible_text("gap/accuracy"), "metric gap/accuracy")
     browser.execute_script("arguments[0].scrollIntoView({block: 'center'})", gap)
-    # The UI prints the value with its own rounding: find it among the numbers on the page.
-    shown = re.findall(r"-?\d+\.\d+", browser.find_element("tag name", "body").text)
+    # The value beside the name: the one number of the nearest element around the name that
+    # holds one (its row), as the UI rounds it (within half its last shown digit).
+    row = gap
+    while not re.search(r"\d\.\d", row.text):
+        row = row.find_element("xpath", "..")
+    (shown,) = re.findall(r"-?\d+\.\d+", row.text)
     value = run.data.metrics["gap/accuracy"]
-    assert any(abs(float(number) - value) < 1e-4 for number in shown), (value, shown)
+    assert abs(float(shown) - value) <= 0.5 * 10 ** -len(shown.split(".")[1]), (value, row.text)
     browser.save_screenshot(str(SHOTS / "run_metrics.png"))
 
 
