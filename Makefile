@@ -30,7 +30,7 @@ dev: $(VENV)/.installed-dev ## Install dlilabs with the dev tools (pytest, ruff)
 test: dev ## Run every test (the CI command)
 	$(PY) -m pytest
 
-test-fast: dev ## Run the fast tests only (skip dvc repro and training runs)
+test-fast: dev ## Skip the slow tests (dvc repro, servers, subprocess stages); tiny in-process training stays
 	$(PY) -m pytest -m "not slow"
 
 lint: dev ## Check style (ruff) and the layers (import-linter: see Architecture in README)
@@ -55,8 +55,8 @@ ui: install ## MLflow UI over the project's store on http://127.0.0.1:5000 (PORT
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db \
 		--default-artifact-root $(CURDIR)/mlartifacts --host 127.0.0.1 --port $(or $(PORT),5000)
 
-server: install ## Team tracking server: PostgreSQL + MLflow on http://127.0.0.1:5001 (PORT=5001, AUTH=1: login)
-	$(PY) -m dlilabs.server --port $(or $(PORT),5001) --data-dir $(CURDIR)/build/server $(if $(AUTH),--auth)
+server: install ## Team tracking server: PostgreSQL + MLflow on http://127.0.0.1:5001, store in .server/ (PORT=5001, AUTH=1: login)
+	$(PY) -m dlilabs.server --port $(or $(PORT),5001) --data-dir $(CURDIR)/.server $(if $(AUTH),--auth)
 
 compare: install ## Labs side by side: build/reports/comparison.{png,md} (ARGS="--experiment dlilabs-demo")
 	$(PY) -m dlilabs.compare $(ARGS)
@@ -70,5 +70,9 @@ cluster: ## A one-node SLURM cluster with accounting on this machine (root; Debi
 cluster-stop: ## Stop the one-node SLURM cluster's daemons
 	bash scripts/cluster.sh stop
 
-clean: ## Remove pipeline outputs and logs (keeps .venv and the MLflow store)
-	rm -rf data models eval logs build
+# What clean removes. The stores stay: mlflow.db, mlartifacts/ and the team server's .server/.
+CLEANED := data models eval logs build
+
+clean: ## Remove data/ models/ eval/ logs/ build/; keeps .venv, mlflow.db, mlartifacts/, .server/
+	@scripts/clean_guard.sh $(CLEANED)
+	rm -rf $(CLEANED)

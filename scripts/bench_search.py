@@ -24,6 +24,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from benchrows import Measure, Row  # scripts/ is on sys.path: run as a script
+
 REPO = Path(__file__).resolve().parents[1]
 TRIALS, EPOCHS = 6, 3
 SEARCH = [
@@ -76,9 +78,7 @@ def study_figures(root: Path, name: str) -> dict:
     }
 
 
-def rows() -> list:
-    from bench import Measure, Row
-
+def rows() -> list[Row]:
     with tempfile.TemporaryDirectory(prefix="dlilabs-bench-search-") as folder:
         root = Path(folder)
         shutil.copytree(REPO / "conf", root / "conf")
@@ -132,6 +132,5 @@ def rows() -> list:
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, str(Path(__file__).parent))
     for row in rows():
         print(row, flush=True)

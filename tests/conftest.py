@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import io
 import os
 import shutil
+import subprocess
 import sys
 import threading
+import zipfile
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -68,16 +71,60 @@ def tiny_mnist(project) -> Path:
     return write_prepared(project / "data" / "prepared" / "mnist", 320, 80, 10)
 
 
-def stage_env(root: Path, **extra: str) -> dict[str, str]:
-    """Environment for running a stage as a subprocess against the project at `root`."""
-    env = {
-        key: value
-        for key, value in os.environ.items()
-        if key not in ("MLFLOW_TRACKING_URI", "DLILABS_STORE_DIR", "DVC_STAGE")
-    }
-    env.update(DLILABS_ROOT=str(root), PATH=f"{Path(sys.executable).parent}:{env['PATH']}")
+def kaggle_zip(train: bytes, test: bytes, top_train: bytes | None = None) -> bytes:
+    """A zip laid out like Kaggle's archive.zip: the train CSV at the top (`top_train`, default
+    `train`) and in a folder, the test CSV only in a folder, and a picture."""
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as archive:
+        archive.writestr("sign_mnist_train.csv", train if top_train is None else top_train)
+        archive.writestr("sign_mnist_train/sign_mnist_train.csv", train)
+        archive.writestr("sign_mnist_test/sign_mnist_test.csv", test)
+        archive.writestr("amer_sign2.png", b"\x89PNG not really")
+    return buffer.getvalue()
+
+
+def command_env(drop: tuple[str, ...] = (), **extra: str) -> dict[str, str]:
+    """This process's environment for a command a test runs: this interpreter's bin/ first on
+    PATH (its dvc, python), without an earlier test's store choice (MLFLOW_TRACKING_URI,
+    DLILABS_STORE_DIR) or DVC's stage variable, less `drop`, plus `extra`."""
+    dropped = {"MLFLOW_TRACKING_URI", "DLILABS_STORE_DIR", "DVC_STAGE", *drop}
+    env = {key: value for key, value in os.environ.items() if key not in dropped}
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     env.update(extra)
     return env
+
+
+def stage_env(root: Path, **extra: str) -> dict[str, str]:
+    """Environment for running a stage as a subprocess against the project at `root`."""
+    return command_env(DLILABS_ROOT=str(root), **extra)
+
+
+def dvc(
+    workspace: Path,
+    *args: str,
+    check: bool = True,
+    timeout: float = 900,
+    store_dir: Path | None = None,
+    drop: tuple[str, ...] = (),
+    **extra: str,
+) -> subprocess.CompletedProcess:
+    """Run this interpreter's `dvc *args` in `workspace`, output captured as text. Its stages
+    find the workspace's conf/ themselves (no DLILABS_ROOT) and log to `store_dir` when given
+    (else the store they find). `check`: fail the test on a non-zero exit, showing the output."""
+    env = command_env(drop=("DLILABS_ROOT", *drop), **extra)
+    if store_dir is not None:
+        env["DLILABS_STORE_DIR"] = str(store_dir)
+    result = subprocess.run(
+        [sys.executable, "-m", "dvc", *args],
+        cwd=workspace,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    if check:
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result
 
 
 class Handler(BaseHTTPRequestHandler):

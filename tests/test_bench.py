@@ -12,12 +12,14 @@ from conftest import REPO
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("bench", REPO / "scripts" / "bench.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["bench"] = module  # dataclasses look their module up by name
-    spec.loader.exec_module(module)
-    yield module
-    sys.modules.pop("bench", None)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.syspath_prepend(str(REPO / "scripts"))  # as when run: it imports its siblings
+        spec = importlib.util.spec_from_file_location("bench", REPO / "scripts" / "bench.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules["bench"] = module  # dataclasses look their module up by name
+        spec.loader.exec_module(module)
+        yield module
+        sys.modules.pop("bench", None)
 
 
 def test_disturbed_epochs_are_left_out_of_the_per_step_medians(bench):

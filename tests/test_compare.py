@@ -129,15 +129,19 @@ def test_command_line_error_exits_without_a_traceback(store, tmp_path):
     assert "oops" in result.stderr and "Traceback" not in result.stderr
 
 
-def test_evaluate_keeps_the_champion_alias_on_the_best_version(store):
+def test_evaluate_moves_the_champion_alias_only_to_a_better_version(store, in_project):
+    """The evaluate stage, re-run on asl_mlp v2 (models/asl_mlp/run.json), against a holder
+    v1 whose accuracy is set first out of reach (2.0), then below anything (-1.0)."""
     client = MlflowClient(store["uri"])
-    versions = client.search_model_versions("name = 'asl_mlp'")
-    accuracy = {
-        str(v.version): client.get_run(v.run_id).data.metrics["eval/val_accuracy"] for v in versions
-    }
-    champion = str(client.get_model_version_by_alias("asl_mlp", "champion").version)
-    # v2 took the alias only if it beat v1 (a tie keeps v1).
-    assert champion == ("2" if accuracy["2"] > accuracy["1"] else "1")
+    first_run = store["runs"]["asl_mlp"][0]  # registered as v1
+    overrides = [*LABS["asl_mlp"], "trainer.epochs=3"]
+    client.set_registered_model_alias("asl_mlp", "champion", "1")
+    client.log_metric(first_run, "eval/val_accuracy", 2.0)
+    evaluate_run(compose(overrides))
+    assert str(client.get_model_version_by_alias("asl_mlp", "champion").version) == "1"
+    client.log_metric(first_run, "eval/val_accuracy", -1.0)
+    evaluate_run(compose(overrides))
+    assert str(client.get_model_version_by_alias("asl_mlp", "champion").version) == "2"
 
 
 def test_update_champion_moves_the_alias_only_to_a_better_version(store):

@@ -18,10 +18,12 @@ import zipfile
 import pytest
 from omegaconf import OmegaConf
 
+from conftest import kaggle_zip
 from dlilabs import download as stage
 from dlilabs.core import httpfetch
 from dlilabs.ground.config import PACKAGE_ROOT
 from dlilabs.ground.errors import UserError
+from dlilabs.tracking.postgres import free_port
 
 
 def sha(data: bytes) -> str:
@@ -43,17 +45,6 @@ NPZ = b"PK fake npz bytes" * 100
 ASL_FILES = {"sign_mnist_train.csv": [sha(TRAIN)], "sign_mnist_test.csv": [sha(TEST)]}
 
 
-def kaggle_zip(top_train: bytes = TRAIN) -> bytes:
-    """A zip laid out like Kaggle's: train at the top and in a folder, test only in a folder."""
-    buffer = io.BytesIO()
-    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as archive:
-        archive.writestr("sign_mnist_train.csv", top_train)
-        archive.writestr("sign_mnist_train/sign_mnist_train.csv", TRAIN)
-        archive.writestr("sign_mnist_test/sign_mnist_test.csv", TEST)
-        archive.writestr("amer_sign2.png", b"\x89PNG not really")
-    return buffer.getvalue()
-
-
 @pytest.fixture
 def silent_url():
     """A URL whose server accepts connections (the kernel's backlog) but never answers."""
@@ -66,10 +57,7 @@ def silent_url():
 @pytest.fixture
 def closed_url():
     """A URL on a local port nobody listens on: connection refused at once."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    return f"http://127.0.0.1:{port}/mnist.npz"
+    return f"http://127.0.0.1:{free_port()}/mnist.npz"
 
 
 @pytest.fixture
@@ -110,7 +98,7 @@ def test_single_file(server, tmp_path):
 
 
 def test_zip_archive_with_crlf_csvs_in_sub_folders(server, tmp_path):
-    server.routes["/asl.zip"] = [(200, kaggle_zip(), "ok")]
+    server.routes["/asl.zip"] = [(200, kaggle_zip(TRAIN, TEST), "ok")]
     cfg = make_cfg(tmp_path, ASL_FILES, [{"url": server.url("/asl.zip"), "archive": "zip"}])
     assert stage.download(cfg) == {name: hashes[0] for name, hashes in ASL_FILES.items()}
     assert (tmp_path / "raw" / "sign_mnist_train.csv").read_bytes() == TRAIN
@@ -232,7 +220,7 @@ def test_local_file_under_another_name(tmp_path):
 
 def test_local_zip(tmp_path):
     # The top-level train copy is damaged: the one in the sub-folder is used instead.
-    (tmp_path / "archive.zip").write_bytes(kaggle_zip(top_train=TRAIN[:-100]))
+    (tmp_path / "archive.zip").write_bytes(kaggle_zip(TRAIN, TEST, top_train=TRAIN[:-100]))
     cfg = make_cfg(tmp_path, ASL_FILES, local=str(tmp_path / "archive.zip"))
     assert set(stage.download(cfg)) == set(ASL_FILES)
     assert raw_files(tmp_path) == ["provenance.json", "sign_mnist_test.csv", "sign_mnist_train.csv"]
@@ -246,7 +234,7 @@ def test_local_folder(tmp_path, layout):
         (folder / "sign_mnist_train.csv").write_bytes(TRAIN)
         (folder / "sign_mnist_test.csv").write_bytes(TEST)
     else:
-        (folder / "sign-language-mnist.zip").write_bytes(kaggle_zip())
+        (folder / "sign-language-mnist.zip").write_bytes(kaggle_zip(TRAIN, TEST))
     cfg = make_cfg(tmp_path, ASL_FILES, local=str(tmp_path / "downloads"))
     assert stage.download(cfg) == {name: hashes[0] for name, hashes in ASL_FILES.items()}
 
@@ -318,7 +306,7 @@ def test_downloads_folder_comes_before_the_network(tmp_path, closed_url, caplog,
         (downloads / "sign_mnist_train.csv").write_bytes(TRAIN)
         (downloads / "sign_mnist_test.csv").write_bytes(TEST)
     else:
-        (downloads / "archive.zip").write_bytes(kaggle_zip())
+        (downloads / "archive.zip").write_bytes(kaggle_zip(TRAIN, TEST))
     mirrors = [{"url": closed_url, "archive": "zip"}]  # never asked
     cfg = make_cfg(tmp_path, ASL_FILES, mirrors, search=[str(downloads), str(tmp_path / "none")])
     with caplog.at_level(logging.INFO, logger="dlilabs"):

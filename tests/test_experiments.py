@@ -5,9 +5,7 @@ included (they log to the project's own store)."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -15,7 +13,8 @@ import pytest
 import yaml
 from mlflow import MlflowClient
 
-from conftest import REPO
+import conftest
+from conftest import REPO, command_env
 from dlilabs.demo import make_workspace
 
 pytestmark = pytest.mark.slow
@@ -24,21 +23,21 @@ pytestmark = pytest.mark.slow
 def run(workspace: Path, *command: str, timeout: int = 900) -> str:
     """Run a command in `workspace` with this environment's dvc/python first on PATH and no
     store override: the stages must find the store themselves."""
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if k not in ("DLILABS_ROOT", "DLILABS_STORE_DIR", "MLFLOW_TRACKING_URI")
-    }
-    env["PATH"] = f"{Path(sys.executable).parent}:{env['PATH']}"
     result = subprocess.run(
-        command, cwd=workspace, env=env, capture_output=True, text=True, timeout=timeout
+        command,
+        cwd=workspace,
+        env=command_env(drop=("DLILABS_ROOT",)),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return result.stdout + result.stderr
 
 
 def dvc(workspace: Path, *args: str) -> str:
-    return run(workspace, sys.executable, "-m", "dvc", *args)
+    result = conftest.dvc(workspace, *args)
+    return result.stdout + result.stderr
 
 
 @pytest.fixture(scope="module")

@@ -9,21 +9,19 @@ a copy whose sha256 is not an accepted one (saying how to accept it), and take i
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import os
-import socket
 import subprocess
-import sys
-import zipfile
 from pathlib import Path
 
 import numpy as np
 import pytest
 import yaml
 
-from conftest import REPO
+import conftest
+from conftest import REPO, kaggle_zip
 from dlilabs.demo import make_workspace
+from dlilabs.tracking.postgres import free_port
 
 pytestmark = pytest.mark.slow
 ASL_LABELS = [0, 1, 2, 3, 4, 5, 6, 7, 8, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23, 24]
@@ -40,45 +38,24 @@ def sign_csv(rows: int, seed: int, newline: str = "\r\n") -> bytes:
     return (newline.join(lines) + newline).encode()
 
 
-def kaggle_zip(train: bytes, test: bytes) -> bytes:
-    """A zip laid out like Kaggle's archive.zip."""
-    buffer = io.BytesIO()
-    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as archive:
-        archive.writestr("sign_mnist_train.csv", train)
-        archive.writestr("sign_mnist_train/sign_mnist_train.csv", train)
-        archive.writestr("sign_mnist_test/sign_mnist_test.csv", test)
-        archive.writestr("amer_sign2.png", b"\x89PNG not really")
-    return buffer.getvalue()
-
-
 def closed_port_url() -> str:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return f"http://127.0.0.1:{probe.getsockname()[1]}/sign-language-mnist.zip"
+    return f"http://127.0.0.1:{free_port()}/sign-language-mnist.zip"
 
 
 def dvc(workspace: Path, *args: str, **env: str) -> subprocess.CompletedProcess:
-    """Run this environment's dvc in `workspace`, offline: caches pointed at empty folders."""
-    environment = {
-        k: v
-        for k, v in os.environ.items()
-        if k not in ("DLILABS_ROOT", "MLFLOW_TRACKING_URI", "DLILABS_DOWNLOADS")
-        and not k.startswith("DLILABS_ACCEPT")
-    }
-    environment.update(
-        PATH=f"{Path(sys.executable).parent}{os.pathsep}{environment['PATH']}",
+    """Run this environment's dvc in `workspace`, offline: caches pointed at empty folders,
+    no downloads folder or acceptance of the caller's."""
+    accepting = tuple(key for key in os.environ if key.startswith("DLILABS_ACCEPT"))
+    return conftest.dvc(
+        workspace,
+        *args,
+        check=False,
+        timeout=600,
+        store_dir=workspace,
+        drop=("DLILABS_DOWNLOADS", *accepting),
         KERAS_HOME=str(workspace.parent / "no-keras"),
         KAGGLEHUB_CACHE=str(workspace.parent / "no-kagglehub"),
-        DLILABS_STORE_DIR=str(workspace),
         **env,
-    )
-    return subprocess.run(
-        [sys.executable, "-m", "dvc", *args],
-        cwd=workspace,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env=environment,
     )
 
 

@@ -8,8 +8,6 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import mlflow
@@ -18,7 +16,7 @@ import pytest
 import yaml
 from mlflow import MlflowClient
 
-from conftest import REPO, make_images
+from conftest import REPO, dvc, make_images
 from dlilabs.demo import make_workspace
 
 pytestmark = pytest.mark.slow
@@ -26,26 +24,9 @@ IMAGE_LABS = sorted(yaml.safe_load((REPO / "params.yaml").read_text())["labs"])
 
 
 def dvc_output(workspace: Path, *args: str) -> str:
-    """Run dvc in `workspace`; return stdout+stderr, failing the test on a non-zero exit."""
-    result = subprocess.run(
-        [sys.executable, "-m", "dvc", *args],
-        cwd=workspace,
-        capture_output=True,
-        text=True,
-        timeout=900,
-        env=_dvc_env(workspace),
-    )
-    assert result.returncode == 0, result.stdout + result.stderr
+    """Run dvc in `workspace` (its store inside); return stdout+stderr, failing on an error."""
+    result = dvc(workspace, *args, store_dir=workspace)
     return result.stdout + result.stderr
-
-
-def _dvc_env(workspace: Path) -> dict[str, str]:
-    import os
-
-    env = {k: v for k, v in os.environ.items() if k not in ("DLILABS_ROOT", "MLFLOW_TRACKING_URI")}
-    env["PATH"] = f"{Path(sys.executable).parent}:{env['PATH']}"
-    env["DLILABS_STORE_DIR"] = str(workspace)
-    return env
 
 
 @pytest.fixture(scope="module")
@@ -123,6 +104,35 @@ def test_changing_one_lab_makes_only_that_lab_stale(reproduced, change):
     finally:
         target.write_text(original)
     assert sorted(stale) == ["evaluate@asl_cnn", "train@asl_cnn"]
+
+
+@pytest.mark.parametrize(
+    "path, old, new, kinds",
+    [
+        # A composed file that is no experiment file: every stage composes the profile.
+        (
+            "conf/profile/demo.yaml",
+            "deterministic: true",
+            "deterministic: false",
+            {"download", "preprocess", "train", "evaluate", "line_fit"},
+        ),
+        # Code imported inside a function (train.py builds the model there).
+        ("src/dlilabs/core/models.py", "\n", "\n# edited\n", {"train", "line_fit"}),
+    ],
+)
+def test_editing_what_a_stage_composes_or_imports_makes_it_stale(reproduced, path, old, new, kinds):
+    """Issue 20: `dvc status` names every stage whose composed config or imported code changed,
+    and no other."""
+    target = reproduced / path
+    original = target.read_text()
+    assert old in original
+    target.write_text(original.replace(old, new, 1))
+    try:
+        stale = json.loads(dvc_output(reproduced, "status", "--json"))
+    finally:
+        target.write_text(original)
+    stages = dvc_output(reproduced, "stage", "list", "--name-only").split()
+    assert sorted(stale) == sorted(name for name in stages if name.split("@")[0] in kinds)
 
 
 def test_download_and_preprocess_from_a_local_server(tmp_path, server):

@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import os
 import re
-import socket
 import subprocess
 import sys
 import time
@@ -22,6 +21,7 @@ from mlflow import MlflowClient
 from PIL import Image
 
 from conftest import REPO
+from dlilabs.tracking.postgres import free_port
 
 pytestmark = pytest.mark.slow
 
@@ -35,12 +35,6 @@ PICTURES = {
     for name in ("learning_curves.png", "confusion.png", "train_inputs.png")
 }
 PICTURES["samples.png"] = "data/prepared/mnist_demo/samples.png"
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def wait_until_healthy(url: str, process: subprocess.Popen, seconds: float = 180) -> None:
@@ -186,10 +180,14 @@ def test_run_page_shows_the_gap_metric(ui, store, browser):
     close_assistant(browser)
     gap = wait_for(browser, visible_text("gap/accuracy"), "metric gap/accuracy")
     browser.execute_script("arguments[0].scrollIntoView({block: 'center'})", gap)
-    # The UI prints the value with its own rounding: find it among the numbers on the page.
-    shown = re.findall(r"-?\d+\.\d+", browser.find_element("tag name", "body").text)
+    # The value beside the name: the one number of the nearest element around the name that
+    # holds one (its row), as the UI rounds it (within half its last shown digit).
+    row = gap
+    while not re.search(r"\d\.\d", row.text):
+        row = row.find_element("xpath", "..")
+    (shown,) = re.findall(r"-?\d+\.\d+", row.text)
     value = run.data.metrics["gap/accuracy"]
-    assert any(abs(float(number) - value) < 1e-4 for number in shown), (value, shown)
+    assert abs(float(shown) - value) <= 0.5 * 10 ** -len(shown.split(".")[1]), (value, row.text)
     browser.save_screenshot(str(SHOTS / "run_metrics.png"))
 
 

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import resource
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -97,19 +99,33 @@ def test_demo_card_says_it_is_not_the_lab_model(project):
     assert "no J or Z" in card and "not yet drawn" in card
 
 
+def system_metric_names(client: MlflowClient, run_id: str) -> set[str]:
+    return {name for name in client.get_run(run_id).data.metrics if name.startswith("system/")}
+
+
 @pytest.mark.parametrize("enabled", [True, False])
 def test_system_metrics_follow_the_tracking_config(project, enabled):
     cfg = compose(
         [f"tracking.system_metrics={str(enabled).lower()}", "tracking.system_metrics_interval=1"]
     )
     tracking.connect(cfg.tracking)
+    client = MlflowClient(f"sqlite:///{project}/mlflow.db")
     with tracking.lab_run("system", tracking_cfg=cfg.tracking) as run:
-        time.sleep(2.5)
-    metrics = MlflowClient(f"sqlite:///{project}/mlflow.db").get_run(run.info.run_id).data.metrics
+        # MLflow samples in its thread "SystemMetricsMonitor": running exactly when enabled.
+        sampling = any(t.name == "SystemMetricsMonitor" for t in threading.enumerate())
+        assert sampling is enabled
+        deadline = time.monotonic() + 30
+        while enabled and not system_metric_names(client, run.info.run_id):
+            assert time.monotonic() < deadline, "no system metric logged within 30 s"
+            time.sleep(0.2)
+        peak_inside = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak_after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    metrics = client.get_run(run.info.run_id).data.metrics
     assert ("system/cpu_utilization_percentage" in metrics) is enabled
     assert ("system/system_memory_usage_megabytes" in metrics) is enabled
     assert not any(name.startswith("system/gpu") for name in metrics)  # no GPU here
-    assert metrics["memory/peak_mb"] > 50  # this process holds Python, MLflow, NumPy
+    # The process's peak RSS in MiB as the run ended: between the two readings around its end.
+    assert peak_inside <= metrics["memory/peak_mb"] <= peak_after
 
 
 def run_stage(project: Path, stage: str, *overrides: str) -> subprocess.CompletedProcess:

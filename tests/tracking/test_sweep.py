@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
+import yaml
 from mlflow import MlflowClient
 
 from conftest import stage_env, write_prepared
@@ -154,7 +156,10 @@ def test_slurm_launcher_requests_one_gpu_per_job():
     launcher = cfg.hydra.launcher
     assert launcher._target_.endswith("SlurmLauncher")
     assert launcher.gpus_per_node == 1 and launcher.tasks_per_node == 1
-    assert launcher.cpus_per_task > 0 and launcher.mem_gb > 0 and launcher.timeout_min > 0
+    # The composed job asks for what conf/hydra/launcher/slurm.yaml says, not submitit's defaults.
+    written = yaml.safe_load((Path(config_dir()) / "hydra/launcher/slurm.yaml").read_text())
+    for key in ("cpus_per_task", "mem_gb", "timeout_min", "array_parallelism"):
+        assert launcher[key] == written[key], key
     assert compose(["experiment=asl_cnn"]).trainer.device == "gpu"
 
 

@@ -48,6 +48,9 @@ def grid_keys(config: DictConfig) -> list[str] | None:
         return None
     params = [f"{key}={value}" for key, value in (sweeper.get("params") or {}).items()]
     parsed = OverridesParser.create().parse_overrides([*params, *config.hydra.overrides.task])
+    # Hydra has no public API for "the jobs the basic sweeper runs": split_arguments is that
+    # sweeper's own static method (hydra._internal), kept so the keys match what it launches;
+    # hydra-core is pinned <1.4 and tests/tracking/test_sweep.py resumes a real grid sweep.
     batches = BasicSweeper.split_arguments(parsed, None)
     return [job_key(job) for batch in batches for job in batch]
 

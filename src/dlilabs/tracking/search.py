@@ -197,6 +197,7 @@ class OptunaSearch:
     def tell_batch(self, study, trials: list, results: list) -> None:
         """Tell the study each job's outcome; raise when more than max_failure_rate failed."""
         failed = []
+        pruned = pruned_numbers(study)
         for trial, result in zip(trials, results, strict=True):
             try:
                 value = result.return_value  # raises the job's error
@@ -205,7 +206,7 @@ class OptunaSearch:
                 self.tell(study, trial, "FAIL")
                 failed.append(result)
                 continue
-            if PRUNED_ATTR in study._storage.get_trial_user_attrs(trial._trial_id):
+            if trial.number in pruned:
                 self.tell(study, trial, "PRUNED")
                 continue
             try:
@@ -230,6 +231,16 @@ class OptunaSearch:
                 raise
             log.info("the sampler has tried every combination of the search space")
             self.stopped = True
+
+
+def pruned_numbers(study) -> set[int]:
+    """Numbers of the study's running trials whose job set PRUNED_ATTR. Read afresh from the
+    storage (`study.get_trials`), since the jobs wrote it; a `Trial`'s own `user_attrs` is the
+    copy cached in this process when it was asked."""
+    import optuna
+
+    running = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
+    return {trial.number for trial in running if PRUNED_ATTR in trial.user_attrs}
 
 
 def summarise(study, trials: list) -> None:

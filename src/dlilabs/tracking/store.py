@@ -147,6 +147,9 @@ def upgrade_old_schema(uri: str, database: Path) -> None:
     upgrade` does), after copying it to `<database>.before-<revision>`. Call it under
     `store_lock`: Alembic's SQLite migrations are not safe to run twice at once. A store
     from a newer MLflow (a revision unknown here) is left for MLflow to refuse."""
+    # mlflow.store.db.utils' _get_alembic_config and _upgrade_db are private (what `mlflow db
+    # upgrade` runs, in-process and under our lock): pyproject bounds mlflow <4 for them, and
+    # tests/tracking/test_store.py upgrades a real older store.
     from alembic.script import ScriptDirectory
     from alembic.util import CommandError
     from mlflow.store.db import utils

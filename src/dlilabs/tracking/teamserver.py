@@ -1,6 +1,6 @@
 """Team tracking server: a locked-down PostgreSQL cluster and an MLflow server in one folder.
 
-`python -m dlilabs.server [--port 5001] [--data-dir build/server] [--auth]` (or `make server`)
+`python -m dlilabs.server [--port 5001] [--data-dir .server] [--auth]` (or `make server`)
 starts PostgreSQL (`dlilabs.tracking.postgres`: passwords for everyone, 127.0.0.1 and a socket
 in `<data-dir>/postgres` only), then `mlflow server` with that database as its backend store
 and `<data-dir>/artifacts` as the artifact store it proxies, and stops both on Ctrl-C or
@@ -160,8 +160,8 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = argparse.ArgumentParser("python -m dlilabs.server", description=__doc__.split("\n")[0])
     parser.add_argument("--port", type=int, default=5001, help="MLflow port (default 5001)")
-    default_dir = project_root() / "build" / "server"
-    parser.add_argument("--data-dir", type=Path, default=default_dir, help="default build/server")
+    default_dir = project_root() / ".server"  # not in build/: `make clean` removes that
+    parser.add_argument("--data-dir", type=Path, default=default_dir, help="default .server")
     parser.add_argument("--artifacts", help="default <data-dir>/artifacts; or s3://bucket/path")
     parser.add_argument("--pg-port", type=int, default=None, help="default: a free port")
     parser.add_argument("--workers", type=int, default=1, help="MLflow server processes")
