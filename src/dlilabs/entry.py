@@ -1,7 +1,9 @@
 """Entry points of the stages: `stage_main` turns a plain `task(cfg)` into a Hydra app.
 
-Top layer: it composes `conf/config.yaml` from the project the command runs in (so a DVC
-experiment folder's edited copy of `conf/` is the one used), checks the config's values
+Top layer: when the command starts it quiets TensorFlow's start-up (`dlilabs.ground.startup`;
+the stage modules load TensorFlow only after that), composes `conf/config.yaml` from the
+project the command runs in (so a DVC experiment folder's edited copy of `conf/` is the one
+used), checks the config's values
 before the task runs (`dlilabs.ground.schemas.check_config`: before any data is loaded or run is
 opened), prints a config mistake Hydra finds while composing (a value of the wrong type, an
 unknown option), a `UserError` or a lost tracking server as one `error:` line with exit
@@ -27,6 +29,7 @@ from omegaconf.errors import OmegaConfBaseException
 from dlilabs.ground.config import config_dir
 from dlilabs.ground.errors import UserError
 from dlilabs.ground.schemas import OPTIMIZERS, check_config
+from dlilabs.ground.startup import quiet_tensorflow_startup
 from dlilabs.tracking import close_unfinished_parent, job_result, tracking_user_error
 
 log = logging.getLogger("dlilabs")
@@ -130,6 +133,7 @@ def stage_main(task: Callable[[DictConfig], object]) -> Callable[[], None]:
 
     @functools.wraps(task)
     def entry() -> None:
+        quiet_tensorflow_startup()  # the command's process only: not on `import dlilabs`
         try:
             with one_line_config_errors():
                 hydra_entry()

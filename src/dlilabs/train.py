@@ -15,7 +15,6 @@ import numpy as np
 from omegaconf import DictConfig
 
 from dlilabs import tracking
-from dlilabs.core.fitting import fit, make_optimizer, seed_everything, summary_metrics
 from dlilabs.entry import stage_main
 
 log = logging.getLogger("dlilabs.train")
@@ -23,8 +22,10 @@ log = logging.getLogger("dlilabs.train")
 
 def train_lab(cfg: DictConfig) -> dict:
     """Train the image lab `cfg` describes; returns the run summary also written to run.json."""
+    # Keras and TensorFlow load here, after the entry point has quieted their start-up.
     from dlilabs.core.data import augment_in_model, build_augmenter, load_split, make_dataset
     from dlilabs.core.device import configure_threads, select_device
+    from dlilabs.core.fitting import fit, make_optimizer, seed_everything, summary_metrics
     from dlilabs.core.models import build_model
 
     trainer = cfg.trainer
