@@ -109,6 +109,8 @@ def stage_main(task: Callable[[DictConfig], object]) -> Callable[[], None]:
 
     @functools.wraps(task)
     def guarded(cfg: DictConfig) -> object:
+        # A job a launcher runs in a process of its own (SLURM, joblib) starts here.
+        quiet_tensorflow_startup()
         try:
             check_config(cfg, keras_knows)  # before any data is loaded or run opened
             # A sweeper that optimises (Optuna) gets the objective; others the results.
