@@ -114,3 +114,20 @@ def test_a_full_disk_while_logging_the_model_leaves_no_model_and_a_failed_run(
         # What was logged before the model is whole: the run's resolved config.
         assert (artifacts / run.info.run_id / "artifacts" / "config.yaml").is_file()
         shutil.rmtree(artifacts)  # free the disk before it is unmounted
+
+
+@pytest.mark.slow
+def test_a_read_only_artifact_store_is_one_line_and_a_failed_run(project, tiny_mnist, tmp_path):
+    # The first artifact (the run's config.yaml, written by MLflow itself) meets the mount.
+    with tmpfs(tmp_path / "store", read_only=True) as store:
+        done = run_train(project, f"tracking.artifact_location={store}/mlartifacts")
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert error_lines(done.stderr) == [
+        f"error: cannot write {store}/mlartifacts: Read-only file system (the folder is on a "
+        "read-only file system); fix that, then run the command again"
+    ]
+    client = MlflowClient(f"sqlite:///{project}/mlflow.db")
+    experiment = client.get_experiment_by_name("dlilabs")
+    assert [run.info.status for run in client.search_runs([experiment.experiment_id])] == [
+        "FAILED"
+    ]

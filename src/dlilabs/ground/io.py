@@ -102,27 +102,32 @@ def reading(
         ) from None
 
 
-def write_problem(error: BaseException, target: str | os.PathLike | None = None) -> str | None:
+def write_problem(
+    error: BaseException, target: str | os.PathLike | None = None, cleaned: bool = False
+) -> str | None:
     """One line for a write that failed because of where it writes (see WRITE_ERRNOS):
-    the file (`target`, else the error's), why and what to do; None for any other error."""
+    the file (`target`, else the error's), why, that nothing partial is left (`cleaned`: the
+    writer removed it) and what to do; None for any other error."""
     if not isinstance(error, OSError) or error.errno not in WRITE_ERRNOS:
         return None
     # A copy (shutil) names its source first and the file it wrote second.
     where = target if target is not None else (error.filename2 or error.filename or "an output")
     return (
         f"cannot write {shown(where)}: {error.strerror} ({WRITE_ERRNOS[error.errno]}); "
-        "nothing half-written was kept: fix that, then run the command again"
+        + ("nothing half-written was kept: " if cleaned else "")
+        + "fix that, then run the command again"
     )
 
 
 @contextlib.contextmanager
-def writing(target: str | os.PathLike) -> Iterator[None]:
-    """Around the code that writes `target`: a full disk, read-only folder or missing
-    permission is an UnwritableFile naming `target` (see write_problem)."""
+def writing(target: str | os.PathLike, cleaned: bool = False) -> Iterator[None]:
+    """Around the code that writes `target` (and, if `cleaned`, removes what it wrote when it
+    fails): a full disk, read-only folder or missing permission is an UnwritableFile naming
+    `target` (see write_problem)."""
     try:
         yield
     except OSError as error:
-        problem = write_problem(error, target)
+        problem = write_problem(error, target, cleaned)
         if problem is None:
             raise
         raise UnwritableFile(problem) from None
@@ -148,7 +153,7 @@ def atomic_path(path: str | os.PathLike, suffix: str | None = None) -> Iterator[
     `suffix` defaults to the target's own suffix, for writers that insist on one (np.savez,
     keras.Model.save). A full disk or read-only folder is an UnwritableFile (`writing`)."""
     target = Path(path)
-    with writing(target):
+    with writing(target, cleaned=True):
         target.parent.mkdir(parents=True, exist_ok=True)
         handle, temporary = tempfile.mkstemp(
             prefix=f".{target.name}.",

@@ -63,7 +63,7 @@ def whole_model_or_none() -> Iterator[None]:
     try:
         yield
     except Exception as error:
-        created = _last_model_id()
+        created, cleaned = _last_model_id(), True
         if created is not None and created != before:
             try:
                 model = mlflow.MlflowClient().get_logged_model(created)
@@ -71,7 +71,8 @@ def whole_model_or_none() -> Iterator[None]:
                     remove_model(model)
             except Exception as cleanup:  # keep the cause; say what could not be cleaned
                 log.warning("could not remove the incomplete model %s: %s", created, cleanup)
-        problem = write_problem(error)
+                cleaned = False
+        problem = write_problem(error, cleaned=cleaned)
         if problem is None:
             raise
         raise UnwritableFile(f"logging the model: {problem}") from None
