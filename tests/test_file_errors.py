@@ -128,6 +128,4 @@ def test_a_read_only_artifact_store_is_one_line_and_a_failed_run(project, tiny_m
     ]
     client = MlflowClient(f"sqlite:///{project}/mlflow.db")
     experiment = client.get_experiment_by_name("dlilabs")
-    assert [run.info.status for run in client.search_runs([experiment.experiment_id])] == [
-        "FAILED"
-    ]
+    assert [run.info.status for run in client.search_runs([experiment.experiment_id])] == ["FAILED"]
