@@ -87,19 +87,26 @@ def reading(
     if not path.is_file():
         run = f": run `dvc repro {stage}` first" if stage else ""
         raise UserError(f"{shown(path)} does not exist{run}")
+
+    def damaged(error: BaseException) -> str:
+        problem = f"not a readable {what} ({_reason(error)})"
+        if stage is None:
+            return f"{shown(path)}: {problem}"
+        return f"{shown(path)} is damaged: {problem}; {way_back(out or path, stage, cached)}"
+
     try:
         yield path
     except UserError:
         raise
     except PermissionError as error:
         raise UserError(f"{shown(path)}: cannot read it ({_reason(error)})") from None
+    except OSError as error:
+        # A reader that unpacks to a temporary file can meet a full disk: not the file's fault.
+        if error.errno in WRITE_ERRNOS:
+            raise UnwritableFile(write_problem(error)) from None
+        raise DamagedFile(damaged(error)) from None
     except DAMAGE as error:
-        problem = f"not a readable {what} ({_reason(error)})"
-        if stage is None:
-            raise DamagedFile(f"{shown(path)}: {problem}") from None
-        raise DamagedFile(
-            f"{shown(path)} is damaged: {problem}; {way_back(out or path, stage, cached)}"
-        ) from None
+        raise DamagedFile(damaged(error)) from None
 
 
 def write_problem(
