@@ -1,5 +1,6 @@
 """Stage output a person can read: no TensorFlow/absl/CUDA start-up noise, one device line,
-real warnings and errors kept (dlilabs/__init__.py filters what TensorFlow prints natively)."""
+real warnings and errors kept (dlilabs.ground.startup filters what TensorFlow prints natively,
+from the commands' mains only: importing the package changes nothing)."""
 
 from __future__ import annotations
 
@@ -8,8 +9,8 @@ import sys
 
 import pytest
 
-import dlilabs
 from conftest import stage_env
+from dlilabs.ground.startup import worth_showing
 
 NOISE = (
     "absl::InitializeLog",
@@ -31,23 +32,18 @@ E0000 00:00:1796064309.500000   11252 op_kernel.cc:1839] OP_REQUIRES failed: out
 """
 
 
-def test_filter_drops_start_up_noise_and_keeps_real_errors(monkeypatch):
-    monkeypatch.setenv("TF_CPP_MIN_LOG_LEVEL", "2")
-    assert dlilabs._worth_showing(CPU_START + REAL) == REAL
+def test_filter_drops_start_up_noise_and_keeps_real_errors():
+    assert worth_showing(CPU_START + REAL, 2) == REAL
 
 
-def test_cuinit_error_is_kept_when_a_driver_was_found(monkeypatch):
+def test_cuinit_error_is_kept_when_a_driver_was_found():
     # With a driver present, a failing cuInit is a real problem on a GPU machine.
-    monkeypatch.setenv("TF_CPP_MIN_LOG_LEVEL", "2")
     cuinit = CPU_START.splitlines(keepends=True)[3]
-    assert dlilabs._worth_showing(cuinit) == cuinit
+    assert worth_showing(cuinit, 2) == cuinit
 
 
-def test_tf_cpp_min_log_level_0_shows_everything(monkeypatch):
-    monkeypatch.setenv("TF_CPP_MIN_LOG_LEVEL", "0")
-    assert dlilabs._worth_showing(CPU_START) == CPU_START.replace(
-        CPU_START.splitlines()[3] + "\n", ""
-    )
+def test_tf_cpp_min_log_level_0_shows_everything():
+    assert worth_showing(CPU_START, 0) == CPU_START.replace(CPU_START.splitlines()[3] + "\n", "")
 
 
 def run_stage(project, stage: str) -> str:

@@ -142,7 +142,7 @@ def test_bad_inputs_and_models_are_clear_errors(project, tmp_path, capsys):
         (["asl_mlp", bad_csv], "pixels.csv header row: expected the 784 columns pixel1..pixel784"),
         (["asl_mpl", good], "no model 'asl_mpl'"),
         (["models:/asl_mlp@best", good], "cannot load models:/asl_mlp@best"),
-        ([tmp_path / "notes.png", good], "not a Keras model file"),
+        ([tmp_path / "notes.png", good], "notes.png: not a readable Keras model file"),
     ]
     for args, message in cases:
         code, _, err = predict(capsys, *args)

@@ -94,7 +94,7 @@ def _read_provenance(raw_dir: Path) -> dict[str, Record]:
     """{name: record} from an earlier run's provenance.json ({} if none or unreadable)."""
     try:
         return dict(read_json(raw_dir / PROVENANCE)["files"])
-    except (OSError, ValueError, KeyError, TypeError):
+    except (UserError, OSError, ValueError, KeyError, TypeError):  # missing, damaged, old
         return {}
 
 

