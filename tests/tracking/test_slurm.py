@@ -141,8 +141,9 @@ def test_cancelled_and_requeued_jobs_never_lose_the_sweep(project):
     }
     cancelled, requeued = by_units["[128]"], by_units["[256]"]
     subprocess.run(["scancel", job_of(cancelled)], check=True)
-    requeued_job = job_of(requeued)
-    subprocess.run(["scontrol", "requeue", requeued_job], check=True)
+    # Submitit's preemption signal: the job saves its submission and requeues itself
+    # (`scontrol requeue`), as SLURM's preemption or time-limit warning would make it do.
+    subprocess.run(["scancel", "--signal=USR2", job_of(requeued)], check=True)
     # The test cluster holds a requeued job back 10 s (AuthInfo=cred_expire; 120 s by default).
     out, err = process.communicate(timeout=600)
     assert process.returncode != 0, out + err
@@ -167,15 +168,29 @@ def test_cancelled_and_requeued_jobs_never_lose_the_sweep(project):
     assert sorted(metric.step for metric in steps) == list(range(1, 13))
     assert len(found) == 3  # parent + one child per combination
 
-    # Re-running the sweep trains only the lost combination, continuing its own run.
+    # Re-running the sweep trains only the lost combination, continuing its own run; its node
+    # goes DOWN meanwhile (NODE_FAIL): SLURM requeues the job, which continues once the node
+    # is back.
     again = sweep(project, *command)
+    node = subprocess.check_output(["hostname", "-s"], text=True).strip()
+
+    def resumed_a_few_epochs():
+        state = checkpoints(project).get(cancelled)
+        return state and state["epoch"] >= 6
+
+    wait_for(resumed_a_few_epochs, what="the resumed job's epoch 6")
+    down = ["scontrol", "update", f"nodename={node}"]
+    subprocess.run([*down, "state=down", "reason=dlilabs-test"], check=True)
+    time.sleep(3)
+    subprocess.run([*down, "state=resume"], check=True)
     out, err = again.communicate(timeout=600)
     assert again.returncode == 0, out + err
     found = {run.info.run_id: run for run in runs(project)}
     assert len(found) == 3
     assert found[parent.info.run_id].info.status == "FINISHED"
     assert found[cancelled].info.status == "FINISHED"
-    assert found[cancelled].data.tags["resume.count"] == "1"
+    assert found[cancelled].data.tags["resume.count"] == "2"  # the re-run, the node's return
+    assert found[cancelled].data.tags["slurm.restart_count"] == "1"
     steps = mlflow.MlflowClient().get_metric_history(cancelled, "val/accuracy")
     assert sorted(metric.step for metric in steps) == list(range(1, 13))
     assert not list((project / "checkpoints").glob("*/state.json"))  # removed once finished
@@ -256,10 +271,12 @@ def test_a_job_that_requires_a_gpu_on_a_cpu_node_fails_at_once_with_a_failed_run
 
 
 def test_a_job_over_its_memory_limit_is_named_with_its_cause(project):
-    # 300 MB is less than TensorFlow needs to start: SLURM kills the job (OverMemoryKill).
+    # 300 MB is less than TensorFlow needs to start: SLURM kills the job (OverMemoryKill;
+    # without cgroups its state is FAILED, and slurmstepd's line in its log says why).
     write_prepared(project / "data" / "prepared" / "mnist", 400, 100, 10)
     limit = ["hydra.launcher.mem_gb=null", "hydra.launcher.mem_per_cpu=300M"]
     process = sweep(project, "trainer.epochs=1", *limit)
     out, err = process.communicate(timeout=600)
     assert process.returncode != 0, out + err
-    assert "exceeded its memory limit (OUT_OF_MEMORY)" in err, err
+    (line,) = [line for line in err.splitlines() if line.startswith("  experiment=mnist_mlp")]
+    assert "exceeded its memory limit" in line and "no run started" in line, err

@@ -262,7 +262,7 @@ def lab_run(
             signal.signal(signal.SIGUSR2, _interrupt)
     except ValueError:  # not the main thread: leave signals alone
         previous_handler = None
-    from dlilabs.tracking.slurm import slurm_tags
+    from dlilabs.tracking.slurm import slurm_tags, stopped_from_outside
 
     tags = {**(tags or {}), **owner_tags(), **slurm_tags()}  # a resumed run changes owner
     run = mlflow.start_run(
@@ -275,11 +275,8 @@ def lab_run(
     status = "FINISHED"
     try:
         yield run
-    except (KeyboardInterrupt, SystemExit):  # a signal, or submitit's exit to be requeued
-        status = "KILLED"
-        raise
-    except BaseException:
-        status = "FAILED"
+    except BaseException as error:  # KILLED: a signal, or submitit's exit to be requeued
+        status = "KILLED" if stopped_from_outside(error) else "FAILED"
         raise
     finally:
         heartbeat.stop()

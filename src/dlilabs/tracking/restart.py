@@ -24,6 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from dlilabs.core import checkpoint
 from dlilabs.core.checkpoint import Plan
+from dlilabs.tracking.slurm import stopped_from_outside
 
 log = logging.getLogger("dlilabs.train")
 
@@ -101,16 +102,15 @@ def restartable(cfg: DictConfig, data: str) -> Iterator[tuple[Plan | None, str |
         plan = Plan(folder, resumed, extra={"data": data})
         try:
             yield plan, run_id
-        except (KeyboardInterrupt, SystemExit):
-            if checkpoint.load(folder) is not None:
+        except BaseException as error:
+            if not stopped_from_outside(error):
+                checkpoint.remove(folder)  # an error of its own: a restart would repeat it
+            elif checkpoint.load(folder) is not None:
                 log.warning(
                     "Stopped: the checkpoint in %s keeps the finished epochs; the same command "
                     "continues from there",
                     folder,
                 )
-            raise
-        except BaseException:
-            checkpoint.remove(folder)
             raise
         checkpoint.remove(folder)
     finally:

@@ -56,6 +56,15 @@ POLL_S = 3.0
 GRACE_S = 15.0  # an ended job's result file may take a moment to appear on a shared disk
 
 
+def stopped_from_outside(error: BaseException) -> bool:
+    """Whether `error` stops a training from outside (a signal, Ctrl-C, submitit's exit to be
+    requeued, or its "not requeued: timed out" after the last allowed requeue), not a fault of
+    its own: its run is KILLED and its checkpoint kept, for the same command to continue."""
+    return isinstance(error, KeyboardInterrupt | SystemExit) or (
+        type(error).__name__ == "UncompletedJobError" and "submitit" in type(error).__module__
+    )
+
+
 def slurm_tags() -> dict[str, str]:
     """Where this process runs on SLURM: job and array ids, node, restart count, and the
     submitit log files ({} outside a SLURM job)."""
@@ -125,6 +134,29 @@ def job_states(job_ids: list[str]) -> dict[str, str]:
     return states
 
 
+# What slurmstepd writes into a job's error log when it ends a job (a cluster without cgroups
+# reports a job killed over its memory as FAILED, signal 9; the log says why).
+LOG_CAUSES = {
+    "exceeded memory limit": "exceeded its memory limit",
+    "DUE TO TIME LIMIT": "hit its time limit",
+    "DUE TO NODE FAILURE": "its node failed",
+}
+
+
+def cause_of(job, state: str) -> str:
+    """The reason a job with SLURM `state` ended, in words: from its error log when that
+    says more than the state does, else from the state."""
+    if state in ("FAILED", "UNKNOWN", "CANCELLED"):
+        try:
+            tail = job.paths.stderr.read_text(errors="replace")[-20_000:]
+        except OSError:
+            tail = ""
+        for marker, cause in LOG_CAUSES.items():
+            if marker in tail:
+                return cause
+    return ENDED.get(state, "left the queue without a result")
+
+
 def wait_for_all(jobs: list) -> tuple[dict[int, object], dict[int, str]]:
     """Wait until every submitit job has a result or has ended without one.
     Returns ({index: result}, {index: cause in words})."""
@@ -150,7 +182,7 @@ def wait_for_all(jobs: list) -> tuple[dict[int, object], dict[int, str]]:
             if state in ENDED or state == "UNKNOWN":
                 first = ended_since.setdefault(index, time.monotonic())
                 if time.monotonic() - first > GRACE_S:  # ended, and no result came
-                    lost[index] = f"{ENDED.get(state, 'left the queue without a result')} ({state})"
+                    lost[index] = f"{cause_of(job, state)} ({state})"
             else:
                 ended_since.pop(index, None)  # requeued or running again
         if len(results) + len(lost) < len(jobs):
