@@ -280,3 +280,35 @@ def test_a_job_over_its_memory_limit_is_named_with_its_cause(project):
     assert process.returncode != 0, out + err
     (line,) = [line for line in err.splitlines() if line.startswith("  experiment=mnist_mlp")]
     assert "exceeded its memory limit" in line and "no run started" in line, err
+
+
+def test_an_optuna_search_runs_its_trials_as_slurm_jobs(project):
+    write_prepared(project / "data" / "prepared" / "mnist", 400, 100, 10)
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "dlilabs.train",
+            "experiment=mnist_mlp",
+            "hparams_search=mnist_mlp_optuna",
+            "hydra.sweeper.n_trials=2",
+            "hydra.sweeper.n_jobs=2",
+            "trainer.epochs=2",
+            *CPU_JOBS,
+        ],  # fmt: skip
+        cwd=project,
+        env=stage_env(project),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    out, err = process.communicate(timeout=600)
+    assert process.returncode == 0, out + err
+    found = runs(project)
+    parents = [run for run in found if run.data.tags.get("sweep") == "parent"]
+    trials = [run for run in found if run.data.tags.get("sweep") == "child"]
+    assert [parent.info.status for parent in parents] == ["FINISHED"]
+    assert sorted(run.data.tags["search.trial"] for run in trials) == ["0", "1"]
+    assert all(run.info.status == "FINISHED" for run in trials)
+    assert len({run.data.tags["slurm.job_id"] for run in trials}) == 2  # one job per trial
+    assert all("search/objective" in run.data.metrics for run in trials)
