@@ -54,8 +54,8 @@ def connect(tracking_cfg: DictConfig) -> str:
     A SQLite store must be writable (else a UserError naming it); its schema creation or
     upgrade and the experiment's lookup-or-create run under a file lock beside it, so any
     number of processes may start at once. The experiment gets what the MLflow UI needs to
-    open on its runs (`uiview.prepare_experiment`). Then runs left RUNNING by a process that is gone
-    are ended KILLED (`reconcile`; a failure there is only a warning)."""
+    open on its runs (`uiview.prepare_experiment`). Then runs left RUNNING by a process that
+    is gone are ended KILLED (`reconcile`; a failure there is only a warning)."""
     import mlflow
 
     from dlilabs.tracking.reconcile import reconcile_quietly

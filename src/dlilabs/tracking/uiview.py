@@ -146,9 +146,9 @@ def wanted_tags(tags: dict[str, str], page: str | None) -> dict[str, str]:
 
 
 def prepare_experiment(experiment_id: str, page: str | None = None, uri: str | None = None) -> None:
-    """Give the experiment (in the store at `uri`, default MLflow's current one) what the UI needs to open on the
-    story (`wanted_tags`). Idempotent and cheap when done; a failure is only a warning (the
-    UI is a convenience, a training job must not fail for it)."""
+    """Give the experiment (in the store at `uri`, default MLflow's current one) what the UI
+    needs to open on the story (`wanted_tags`). Idempotent and cheap when done; a failure is
+    only a warning (the UI is a convenience, a training job must not fail for it)."""
     import mlflow
 
     client = mlflow.MlflowClient(uri)
