@@ -160,17 +160,43 @@ def prepare_experiment(experiment_id: str, page: str | None = None, uri: str | N
         log.warning("could not prepare experiment %s for the MLflow UI: %s", experiment_id, error)
 
 
-def set_story(uri: str, experiment_name: str, page: str, story: str) -> str | None:
-    """Write `story` (Markdown) under the `page` description of experiment `experiment_name`
-    in the store at `uri`; its id, or None when it does not exist."""
+STORY_TAG = "dlilabs.story"
+
+
+def publish_story(uri: str, experiment_name: str, page: str, lines: list[str], files) -> tuple:
+    """Put a demo's story where the UI shows it: its run "the story" (created once, tagged
+    `dlilabs.story=true`) gets `files` (the comparison picture first, then the table) under
+    story/ and the story `lines` as its description, picture inline; the experiment's
+    description gets the same under its `page` text. Returns (experiment id, run id), or
+    (None, None) when the experiment does not exist."""
     import mlflow
 
     client = mlflow.MlflowClient(uri)
     experiment = client.get_experiment_by_name(experiment_name)
     if experiment is None:
-        return None
-    client.set_experiment_tag(experiment.experiment_id, NOTE_TAG, description(page, story))
-    return experiment.experiment_id
+        return None, None
+    found = client.search_runs(
+        [experiment.experiment_id], f"tags.`{STORY_TAG}` = 'true'", max_results=1
+    )
+    if found:
+        run_id = found[0].info.run_id
+    else:
+        tags = {STORY_TAG: "true", "demo": "true"}
+        run_id = client.create_run(
+            experiment.experiment_id, tags=tags, run_name="the story"
+        ).info.run_id
+    for path in files:
+        client.log_artifact(run_id, str(path), "story")
+    picture = f"get-artifact?path=story/{Path(files[0]).name}&run_uuid={run_id}"
+    link = f"#/experiments/{experiment.experiment_id}/runs/{run_id}/artifacts/story"
+    story = "\n".join(f"- {line}" for line in lines)
+    story += f"\n\n![The labs compared]({picture})\n\n[The picture and table]({link})"
+    client.set_tag(run_id, NOTE_TAG, story)
+    client.set_terminated(run_id)
+    client.set_experiment_tag(
+        experiment.experiment_id, NOTE_TAG, description(page, f"**Last `make demo`:**\n\n{story}")
+    )
+    return experiment.experiment_id, run_id
 
 
 def landing(uri: str, names: list[tuple[str, str]]) -> str | None:
