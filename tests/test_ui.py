@@ -1,9 +1,11 @@
-"""The MLflow UI as a person sees it: a real `mlflow ui` over a store of demo runs (built by
-the real `dvc repro`, one epoch per lab), driven by Debian's Chromium through Selenium.
+"""The MLflow UI as a person sees it: a real `mlflow ui` over the store `make demo` fills (the
+real demo, shared with tests/test_demo.py), driven by Debian's Chromium through Selenium,
+each test page opened in one fresh profile.
 
 Screenshots are saved to build/test-artifacts/ui/ (or $DLILABS_TEST_ARTIFACTS/ui/):
-experiment_runs.png (the runs table), run_metrics.png (a run's metrics, gap/accuracy among
-them) and run_<picture>.png (each logged PNG opened in the run's artifact view)."""
+experiment_runs.png (the page the demo's link opens: runs and the story's charts; the
+README's docs/ui-story.png is cut from it), run_metrics.png (a run's metrics, gap/accuracy
+among them) and run_<picture>.png (each logged PNG opened in the run's artifact view)."""
 
 from __future__ import annotations
 
@@ -28,7 +30,9 @@ pytestmark = pytest.mark.slow
 CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
 INSTALL_HINT = "apt-get install -y chromium chromium-driver (.ci/run does it)"
 SHOTS = Path(os.environ.get("DLILABS_TEST_ARTIFACTS", REPO / "build" / "test-artifacts")) / "ui"
-LABS = ["mnist_mlp", "asl_mlp", "asl_cnn", "asl_cnn_aug", "line_fit"]
+# The demo's runs (tests/test_demo.py checks the names), and what only MLflow's GenAI pages show.
+RUN_NAMES = ["mlp · mnist_5k", "cnn · mnist_5k", "cnn+aug · mnist_5k"]
+GENAI_ONLY = ("Token Usage", "Detect Issues", "Tool calls", "Training runs")
 # Logged under the run's plots/: the evaluate stage's pictures and the dataset's samples.
 PICTURES = {
     name: f"eval/asl_cnn_aug/{name}"
@@ -55,9 +59,9 @@ def wait_until_healthy(url: str, process: subprocess.Popen, seconds: float = 180
 
 
 @pytest.fixture(scope="module")
-def store(demo_pipeline) -> Path:
-    """The demo workspace after the real pipeline (1 epoch per lab), its MLflow store inside."""
-    return demo_pipeline
+def store(demo) -> Path:
+    """The folder of the demo's MLflow store (mlflow.db, mlartifacts/)."""
+    return demo["store"]
 
 
 @pytest.fixture(scope="module")
@@ -163,17 +167,62 @@ def close_assistant(driver) -> None:
 
 
 def lab_run(store: Path, lab: str):
+    """(experiment id, run) of the demo's run of `lab`."""
     client = MlflowClient(f"sqlite:///{store}/mlflow.db")
     experiment = client.get_experiment_by_name("dlilabs-demo")
     (run,) = client.search_runs([experiment.experiment_id], f"tags.lab = '{lab}'")
     return experiment.experiment_id, run
 
 
-def test_experiment_page_lists_every_lab_run(ui, store, browser):
-    experiment_id, _ = lab_run(store, "asl_cnn_aug")
-    browser.get(f"{ui}/#/experiments/{experiment_id}/runs")
-    for lab in LABS:
-        wait_for(browser, visible_text(lab), f"run {lab} in the runs table")
+def printed_link(demo, ui: str) -> str:
+    """The link the demo's closing lines print for `make ui`, sent to this test's server."""
+    (link,) = [word for word in demo["output"].split() if "/#/experiments/" in word]
+    assert link.startswith("http://127.0.0.1:5000/#/"), link
+    return link.replace("http://127.0.0.1:5000", ui, 1)
+
+
+def chart_traces(driver, metric: str):
+    """The runs' traces ({name, x, y}) the UI plotted in the chart titled `metric`, read from
+    Plotly's own data on the page; False while that chart is not drawn."""
+    return driver.execute_script(
+        "const title = Array.from(document.querySelectorAll("
+        "  '[data-testid=experiment-view-compare-runs-card] h4'))"
+        "  .find(h => h.textContent.trim() === arguments[0]);"
+        "const card = title && title.closest('[data-testid=experiment-view-compare-runs-card]');"
+        "const plot = card && card.querySelector('.js-plotly-plot');"
+        "if (!plot || !plot.data || !plot.data.length) return false;"
+        "return plot.data.filter(t => t.mode && t.mode.includes('lines'))"
+        "  .map(t => ({name: t.name, x: Array.from(t.x), y: Array.from(t.y)}));",
+        metric,
+    )
+
+
+def test_the_printed_link_opens_the_runs_on_the_story(ui, store, demo, browser):
+    """A fresh browser following the demo's link: the three runs by name, no GenAI pages,
+    the description, and the story's first chart, val/accuracy per epoch, as logged."""
+    browser.get(printed_link(demo, ui))
+    for name in RUN_NAMES:
+        wait_for(browser, visible_text(name), f"run {name} in the runs list")
+    traces = wait_for(browser, lambda d: chart_traces(d, "val/accuracy"), "val/accuracy chart")
+    page = browser.find_element("tag name", "body").text
+    assert not [text for text in GENAI_ONLY if text in page], page[:2000]
+    assert "/overview" not in browser.current_url, browser.current_url
+    assert "The story, per epoch" in page  # the experiment description's first line
+    titles = browser.execute_script(
+        "return Array.from(document.querySelectorAll("
+        "'[data-testid=experiment-view-compare-runs-card] h4')).map(h => h.textContent.trim())"
+    )
+    assert titles[:2] == ["val/accuracy", "gap/accuracy"], titles
+    client = MlflowClient(f"sqlite:///{store}/mlflow.db")
+    plotted = {trace["name"]: trace for trace in traces}
+    for run in demo["runs"]:
+        if run.info.run_name not in RUN_NAMES:
+            continue
+        history = client.get_metric_history(run.info.run_id, "val/accuracy")
+        trace = plotted[run.info.run_name]
+        assert trace["x"] == [point.step for point in history]
+        assert len(trace["x"]) == int(run.data.params["trainer.epochs"]) > 1  # one per epoch
+        assert trace["y"] == pytest.approx([point.value for point in history], abs=1e-9)
     close_assistant(browser)
     time.sleep(0.5)  # let the panel's closing animation end before the picture
     browser.save_screenshot(str(SHOTS / "experiment_runs.png"))
@@ -194,14 +243,14 @@ def test_run_page_shows_the_gap_metric(ui, store, browser):
 
 
 @pytest.mark.parametrize("picture", PICTURES)
-def test_run_artifacts_show_the_logged_pictures(ui, store, browser, picture):
+def test_run_artifacts_show_the_logged_pictures(ui, store, demo, browser, picture):
     experiment_id, run = lab_run(store, "asl_cnn_aug")
     browser.get("about:blank")  # a new page load: the app routes on the hash only when it starts
     browser.get(
         f"{ui}/#/experiments/{experiment_id}/runs/{run.info.run_id}/artifactPath/plots/{picture}"
     )
     wait_for(browser, visible_text(f"plots/{picture}"), f"the artifact view of {picture}")
-    with Image.open(store / PICTURES[picture]) as image:
+    with Image.open(demo["workspace"] / PICTURES[picture]) as image:
         width = image.size[0]
     # The preview is the logged PNG itself, decoded by the browser: same pixel width.
     shown = wait_for(
