@@ -105,7 +105,9 @@ def test_demo_story_is_on_the_experiment_page_and_the_link_opens_it(demo):
 
     experiment, story = demo["experiment"], demo["story"]
     description = experiment.tags["mlflow.note.content"]
-    shown = [line.strip() for line in demo["output"].splitlines() if line.strip()[:1] in "✓✗"]
+    shown = [
+        line.strip() for line in demo["output"].splitlines() if line.strip().startswith(("✓", "✗"))
+    ]
     assert len(shown) == 3 and all(f"- {line}" in description for line in shown)
     assert "`val/accuracy`" in description and "`gap/accuracy`" in description
     assert all(name in description for name in RUN_NAMES.values())
