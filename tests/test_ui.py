@@ -9,13 +9,12 @@ among them) and run_<picture>.png (each logged PNG opened in the run's artifact 
 
 from __future__ import annotations
 
-import contextlib
 import os
 import socket
 import subprocess
 import sys
 import time
-import urllib.request
+import re
 from decimal import Decimal
 from pathlib import Path
 
@@ -47,17 +46,6 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-def wait_until_healthy(url: str, process: subprocess.Popen, seconds: float = 180) -> None:
-    """Poll `url`/health until the server answers; fail early if it exits."""
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        assert process.poll() is None, f"mlflow ui exited with {process.returncode}"
-        with contextlib.suppress(OSError), urllib.request.urlopen(f"{url}/health", timeout=2):
-            return
-        time.sleep(0.5)
-    pytest.fail(f"mlflow ui did not answer on {url} within {seconds:.0f} s")
-
-
 @pytest.fixture(scope="module")
 def store(demo) -> Path:
     """The folder of the demo's MLflow store (mlflow.db, mlartifacts/)."""
@@ -65,40 +53,33 @@ def store(demo) -> Path:
 
 
 @pytest.fixture(scope="module")
-def ui(store, tmp_path_factory) -> str:
-    """`mlflow ui` over the store on a free 127.0.0.1 port; yields its base URL."""
+def ui(store, tmp_path_factory) -> tuple[str, str]:
+    """`make ui`'s `python -m dlilabs.ui` over the demo's store on a free 127.0.0.1 port:
+    yields (its base URL, the link it printed once the server answered)."""
     port = free_port()
-    log = (tmp_path_factory.mktemp("ui-log") / "mlflow-ui.log").open("w")
+    log_path = tmp_path_factory.mktemp("ui-log") / "dlilabs-ui.log"
     env = {key: value for key, value in os.environ.items() if key != "MLFLOW_TRACKING_URI"}
-    env.update(MLFLOW_DISABLE_TELEMETRY="true", DO_NOT_TRACK="true")
-    process = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "mlflow",
-            "ui",
-            "--backend-store-uri",
-            f"sqlite:///{store}/mlflow.db",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--workers",
-            "1",
-        ],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        env=env,
-        start_new_session=True,
-    )
+    env.update(DLILABS_STORE_DIR=str(store), MLFLOW_DISABLE_TELEMETRY="true", DO_NOT_TRACK="true")
+    with log_path.open("w") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "dlilabs.ui", "--port", str(port)],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=env,
+            cwd=REPO,
+        )
     url = f"http://127.0.0.1:{port}"
     try:
-        wait_until_healthy(url, process)
-        yield url
+        deadline = time.monotonic() + 240
+        while "MLflow UI: " not in log_path.read_text() and time.monotonic() < deadline:
+            assert process.poll() is None, log_path.read_text()[-3000:]
+            time.sleep(0.5)
+        (link,) = re.findall(r"MLflow UI: (\S+)", log_path.read_text()) or [None]
+        assert link, f"no link printed within 240 s: {log_path.read_text()[-3000:]}"
+        yield url, link
     finally:
-        os.killpg(process.pid, 15)  # its own session: the server and its uvicorn worker
-        process.wait(timeout=30)
-        log.close()
+        process.terminate()  # dlilabs.ui stops its mlflow server (its own process group)
+        process.wait(timeout=60)
 
 
 @pytest.fixture(scope="module")
@@ -174,11 +155,11 @@ def lab_run(store: Path, lab: str):
     return experiment.experiment_id, run
 
 
-def printed_link(demo, ui: str) -> str:
-    """The link the demo's closing lines print for `make ui`, sent to this test's server."""
+def printed_link(demo, base: str) -> str:
+    """The link the demo's closing lines print for `make ui`, sent to the server at `base`."""
     (link,) = [word for word in demo["output"].split() if "/#/experiments/" in word]
     assert link.startswith("http://127.0.0.1:5000/#/"), link
-    return link.replace("http://127.0.0.1:5000", ui, 1)
+    return link.replace("http://127.0.0.1:5000", base, 1)
 
 
 def chart_traces(driver, metric: str):
@@ -198,9 +179,12 @@ def chart_traces(driver, metric: str):
 
 
 def test_the_printed_link_opens_the_runs_on_the_story(ui, store, demo, browser):
-    """A fresh browser following the demo's link: the three runs by name, no GenAI pages,
-    the description, and the story's first chart, val/accuracy per epoch, as logged."""
-    browser.get(printed_link(demo, ui))
+    """A fresh browser following the link `make ui` prints (the demo prints the same): the
+    three runs by name, no GenAI pages, the description, and the story's first chart,
+    val/accuracy per epoch, as logged."""
+    base, link = ui
+    assert link == printed_link(demo, base)
+    browser.get(link)
     for name in RUN_NAMES:
         wait_for(browser, visible_text(name), f"run {name} in the runs list")
     traces = wait_for(browser, lambda d: chart_traces(d, "val/accuracy"), "val/accuracy chart")
@@ -230,7 +214,7 @@ def test_the_printed_link_opens_the_runs_on_the_story(ui, store, demo, browser):
 
 def test_run_page_shows_the_gap_metric(ui, store, browser):
     experiment_id, run = lab_run(store, "asl_cnn_aug")
-    browser.get(f"{ui}/#/experiments/{experiment_id}/runs/{run.info.run_id}")
+    browser.get(f"{ui[0]}/#/experiments/{experiment_id}/runs/{run.info.run_id}")
     wait_for(browser, visible_text(run.info.run_name), "the run's title")
     close_assistant(browser)
     gap = wait_for(browser, visible_text("gap/accuracy"), "metric gap/accuracy")
@@ -251,7 +235,7 @@ def test_run_artifacts_show_the_logged_pictures(ui, store, demo, browser, pictur
     experiment_id, run = lab_run(store, "asl_cnn_aug")
     browser.get("about:blank")  # a new page load: the app routes on the hash only when it starts
     browser.get(
-        f"{ui}/#/experiments/{experiment_id}/runs/{run.info.run_id}/artifactPath/plots/{picture}"
+        f"{ui[0]}/#/experiments/{experiment_id}/runs/{run.info.run_id}/artifactPath/plots/{picture}"
     )
     wait_for(browser, visible_text(f"plots/{picture}"), f"the artifact view of {picture}")
     with Image.open(demo["workspace"] / PICTURES[picture]) as image:

@@ -32,11 +32,16 @@ def experiments() -> list[tuple[str, str]]:
     return found
 
 
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Run `mlflow ui` until Ctrl-C; print the link to the story when it is up."""
+    """Run `mlflow ui` until Ctrl-C or SIGTERM; print the link to the story when it is up."""
     parser = argparse.ArgumentParser("python -m dlilabs.ui", description=__doc__.split("\n")[0])
     parser.add_argument("--port", type=int, default=5000, help="default 5000")
     args = parser.parse_args(argv)
+    signal.signal(signal.SIGTERM, _interrupt)  # stop the server too, not only this process
     store = Path(store_root()).resolve()
     uri = f"sqlite:///{store / 'mlflow.db'}"
     base = f"http://127.0.0.1:{args.port}"
