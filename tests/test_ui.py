@@ -10,11 +10,11 @@ among them) and run_<picture>.png (each logged PNG opened in the run's artifact 
 from __future__ import annotations
 
 import os
+import re
 import socket
 import subprocess
 import sys
 import time
-import re
 from decimal import Decimal
 from pathlib import Path
 
