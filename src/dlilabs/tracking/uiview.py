@@ -8,7 +8,7 @@ What MLflow 3.17's UI reads (its JS bundle, checked in a fresh Chromium profile)
   position in the browser's local storage; a fresh browser is on GenAI and lands on the
   traces overview. The experiment tag `mlflow.experimentKind` no longer decides it (older
   3.x UIs read it, and asked each visitor to pick a kind when it was missing), but we still
-  set it: it says what the experiment is, for those UIs and for MLflow's own searches.
+  set it: it says what the experiment is, to those UIs and to searches by tag.
 - Chart layouts live in the browser's local storage, except *saved views*: an experiment
   tag `mlflow.sharedViewState.<id>` holding {name, createdAt, updatedAt, state (JSON)},
   opened by `?viewStateShareKey=<id>` or from the page's "Views" menu. The project saves
