@@ -50,7 +50,9 @@ def main(argv: list[str] | None = None) -> int:
         experiment_id = landing(uri, experiments())
         command = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri]
         command += ["--default-artifact-root", (store / "mlartifacts").as_uri()]
-        command += ["--host", "127.0.0.1", "--port", str(args.port)]
+        # One worker (it serves from a thread pool): with MLflow's default of several,
+        # uvicorn restarts every worker a busy machine keeps from answering its 5 s ping.
+        command += ["--host", "127.0.0.1", "--port", str(args.port), "--workers", "1"]
         print(f"Starting the MLflow UI over {store / 'mlflow.db'} ...", flush=True)
         process = subprocess.Popen(command, start_new_session=True)
         try:
