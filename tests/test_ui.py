@@ -221,8 +221,12 @@ def test_run_page_shows_the_gap_metric(ui, store, browser):
     browser.execute_script("arguments[0].scrollIntoView({block: 'center'})", gap)
     # The metrics table's row of gap/accuracy: its value, as the UI rounds it, is the
     # logged last value to the digits shown (at least three decimals).
-    row = browser.execute_script("return arguments[0].closest('[role=row]').innerText", gap)
-    key, shown = row.split()
+    row = browser.execute_script(
+        "return Array.from(arguments[0].closest('[role=row]').querySelectorAll('[role=cell]'))"
+        ".map(cell => cell.innerText.trim())",
+        gap,
+    )
+    key, shown = row[:2]  # then the model the metric belongs to, if any
     value = run.data.metrics["gap/accuracy"]
     exponent = Decimal(shown).as_tuple().exponent  # -3 for 0.052, -4 for 1.2e-3
     assert key == "gap/accuracy" and exponent <= -3, row
