@@ -193,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
         artifacts = args.artifacts or data_dir / "artifacts"
         process = start_mlflow(postgres, artifacts, args.port, args.workers, log_file, args.auth)
         print(f"MLflow tracking server on {uri} (log: {log_file})", flush=True)
-        print(f"  the labs' runs in the UI: {runs_url(uri, labs_experiment(uri))}", flush=True)
+        print(f"  in a browser: {runs_url(uri, labs_experiment(uri))}", flush=True)
         print(f"Log to it with `tracking=server`, or: export MLFLOW_TRACKING_URI={uri}", flush=True)
         if args.auth:
             admin = data_dir / AUTH_FILES["admin"]
