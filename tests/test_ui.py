@@ -1,19 +1,20 @@
-"""The MLflow UI as a person sees it: a real `mlflow ui` over a store of demo runs (built by
-the real `dvc repro`, one epoch per lab), driven by Debian's Chromium through Selenium.
+"""The MLflow UI as a person sees it: a real `mlflow ui` over the store `make demo` fills (the
+real demo, shared with tests/test_demo.py), driven by Debian's Chromium through Selenium,
+each test page opened in one fresh profile.
 
 Screenshots are saved to build/test-artifacts/ui/ (or $DLILABS_TEST_ARTIFACTS/ui/):
-experiment_runs.png (the runs table), run_metrics.png (a run's metrics, gap/accuracy among
-them) and run_<picture>.png (each logged PNG opened in the run's artifact view)."""
+experiment_runs.png (the page the demo's link opens: runs and the story's charts; the
+README's docs/ui-story.png is cut from it), run_metrics.png (a run's metrics, gap/accuracy
+among them) and run_<picture>.png (each logged PNG opened in the run's artifact view)."""
 
 from __future__ import annotations
 
-import contextlib
 import os
 import re
 import subprocess
 import sys
 import time
-import urllib.request
+from decimal import Decimal
 from pathlib import Path
 
 import pytest
@@ -28,7 +29,9 @@ pytestmark = pytest.mark.slow
 CHROMIUM, CHROMEDRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
 INSTALL_HINT = "apt-get install -y chromium chromium-driver (.ci/run does it)"
 SHOTS = Path(os.environ.get("DLILABS_TEST_ARTIFACTS", REPO / "build" / "test-artifacts")) / "ui"
-LABS = ["mnist_mlp", "asl_mlp", "asl_cnn", "asl_cnn_aug", "line_fit"]
+# The demo's runs (tests/test_demo.py checks the names), and what only MLflow's GenAI pages show.
+RUN_NAMES = ["mlp · mnist_5k", "cnn · mnist_5k", "cnn+aug · mnist_5k"]
+GENAI_ONLY = ("Token Usage", "Detect Issues", "Tool calls", "Training runs")
 # Logged under the run's plots/: the evaluate stage's pictures and the dataset's samples.
 PICTURES = {
     name: f"eval/asl_cnn_aug/{name}"
@@ -37,58 +40,40 @@ PICTURES = {
 PICTURES["samples.png"] = "data/prepared/mnist_demo/samples.png"
 
 
-def wait_until_healthy(url: str, process: subprocess.Popen, seconds: float = 180) -> None:
-    """Poll `url`/health until the server answers; fail early if it exits."""
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        assert process.poll() is None, f"mlflow ui exited with {process.returncode}"
-        with contextlib.suppress(OSError), urllib.request.urlopen(f"{url}/health", timeout=2):
-            return
-        time.sleep(0.5)
-    pytest.fail(f"mlflow ui did not answer on {url} within {seconds:.0f} s")
+@pytest.fixture(scope="module")
+def store(demo) -> Path:
+    """The folder of the demo's MLflow store (mlflow.db, mlartifacts/)."""
+    return demo["store"]
 
 
 @pytest.fixture(scope="module")
-def store(demo_pipeline) -> Path:
-    """The demo workspace after the real pipeline (1 epoch per lab), its MLflow store inside."""
-    return demo_pipeline
-
-
-@pytest.fixture(scope="module")
-def ui(store, tmp_path_factory) -> str:
-    """`mlflow ui` over the store on a free 127.0.0.1 port; yields its base URL."""
+def ui(store, tmp_path_factory) -> tuple[str, str]:
+    """`make ui`'s `python -m dlilabs.ui` over the demo's store on a free 127.0.0.1 port:
+    yields (its base URL, the link it printed once the server answered)."""
     port = free_port()
-    log = (tmp_path_factory.mktemp("ui-log") / "mlflow-ui.log").open("w")
+    log_path = tmp_path_factory.mktemp("ui-log") / "dlilabs-ui.log"
     env = {key: value for key, value in os.environ.items() if key != "MLFLOW_TRACKING_URI"}
-    env.update(MLFLOW_DISABLE_TELEMETRY="true", DO_NOT_TRACK="true")
-    process = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "mlflow",
-            "ui",
-            "--backend-store-uri",
-            f"sqlite:///{store}/mlflow.db",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--workers",
-            "1",
-        ],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        env=env,
-        start_new_session=True,
-    )
+    env.update(DLILABS_STORE_DIR=str(store), MLFLOW_DISABLE_TELEMETRY="true", DO_NOT_TRACK="true")
+    with log_path.open("w") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "dlilabs.ui", "--port", str(port)],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=env,
+            cwd=REPO,
+        )
     url = f"http://127.0.0.1:{port}"
     try:
-        wait_until_healthy(url, process)
-        yield url
+        deadline = time.monotonic() + 240
+        while "MLflow UI: " not in log_path.read_text() and time.monotonic() < deadline:
+            assert process.poll() is None, log_path.read_text()[-3000:]
+            time.sleep(0.5)
+        (link,) = re.findall(r"MLflow UI: (\S+)", log_path.read_text()) or [None]
+        assert link, f"no link printed within 240 s: {log_path.read_text()[-3000:]}"
+        yield url, link
     finally:
-        os.killpg(process.pid, 15)  # its own session: the server and its uvicorn worker
-        process.wait(timeout=30)
-        log.close()
+        process.terminate()  # dlilabs.ui stops its mlflow server (its own process group)
+        process.wait(timeout=60)
 
 
 @pytest.fixture(scope="module")
@@ -157,17 +142,65 @@ def close_assistant(driver) -> None:
 
 
 def lab_run(store: Path, lab: str):
+    """(experiment id, run) of the demo's run of `lab`."""
     client = MlflowClient(f"sqlite:///{store}/mlflow.db")
     experiment = client.get_experiment_by_name("dlilabs-demo")
     (run,) = client.search_runs([experiment.experiment_id], f"tags.lab = '{lab}'")
     return experiment.experiment_id, run
 
 
-def test_experiment_page_lists_every_lab_run(ui, store, browser):
-    experiment_id, _ = lab_run(store, "asl_cnn_aug")
-    browser.get(f"{ui}/#/experiments/{experiment_id}/runs")
-    for lab in LABS:
-        wait_for(browser, visible_text(lab), f"run {lab} in the runs table")
+def printed_link(demo, base: str) -> str:
+    """The link the demo's closing lines print for `make ui`, sent to the server at `base`."""
+    (link,) = [word for word in demo["output"].split() if "/#/experiments/" in word]
+    assert link.startswith("http://127.0.0.1:5000/#/"), link
+    return link.replace("http://127.0.0.1:5000", base, 1)
+
+
+def chart_traces(driver, metric: str):
+    """The runs' traces ({name, x, y}) the UI plotted in the chart titled `metric`, read from
+    Plotly's own data on the page; False while that chart is not drawn."""
+    return driver.execute_script(
+        "const title = Array.from(document.querySelectorAll("
+        "  '[data-testid=experiment-view-compare-runs-card] h4'))"
+        "  .find(h => h.textContent.trim() === arguments[0]);"
+        "const card = title && title.closest('[data-testid=experiment-view-compare-runs-card]');"
+        "const plot = card && card.querySelector('.js-plotly-plot');"
+        "if (!plot || !plot.data || !plot.data.length) return false;"
+        "return plot.data.filter(t => t.mode && t.mode.includes('lines'))"
+        "  .map(t => ({name: t.name, x: Array.from(t.x), y: Array.from(t.y)}));",
+        metric,
+    )
+
+
+def test_the_printed_link_opens_the_runs_on_the_story(ui, store, demo, browser):
+    """A fresh browser following the link `make ui` prints (the demo prints the same): the
+    three runs by name, no GenAI pages, the description, and the story's first chart,
+    val/accuracy per epoch, as logged."""
+    base, link = ui
+    assert link == printed_link(demo, base)
+    browser.get(link)
+    for name in RUN_NAMES:
+        wait_for(browser, visible_text(name), f"run {name} in the runs list")
+    traces = wait_for(browser, lambda d: chart_traces(d, "val/accuracy"), "val/accuracy chart")
+    page = browser.find_element("tag name", "body").text
+    assert not [text for text in GENAI_ONLY if text in page], page[:2000]
+    assert "/overview" not in browser.current_url, browser.current_url
+    assert "The story, per epoch" in page  # the experiment description's first line
+    titles = browser.execute_script(
+        "return Array.from(document.querySelectorAll("
+        "'[data-testid=experiment-view-compare-runs-card] h4')).map(h => h.textContent.trim())"
+    )
+    assert titles[:2] == ["val/accuracy", "gap/accuracy"], titles
+    client = MlflowClient(f"sqlite:///{store}/mlflow.db")
+    plotted = {trace["name"]: trace for trace in traces}
+    for run in demo["runs"]:
+        if run.info.run_name not in RUN_NAMES:
+            continue
+        history = client.get_metric_history(run.info.run_id, "val/accuracy")
+        trace = plotted[run.info.run_name]
+        assert trace["x"] == [point.step for point in history]
+        assert len(trace["x"]) == int(run.data.params["trainer.epochs"]) > 1  # one per epoch
+        assert trace["y"] == pytest.approx([point.value for point in history], abs=1e-9)
     close_assistant(browser)
     time.sleep(0.5)  # let the panel's closing animation end before the picture
     browser.save_screenshot(str(SHOTS / "experiment_runs.png"))
@@ -175,31 +208,35 @@ def test_experiment_page_lists_every_lab_run(ui, store, browser):
 
 def test_run_page_shows_the_gap_metric(ui, store, browser):
     experiment_id, run = lab_run(store, "asl_cnn_aug")
-    browser.get(f"{ui}/#/experiments/{experiment_id}/runs/{run.info.run_id}")
-    wait_for(browser, visible_text("asl_cnn_aug"), "the run's title")
+    browser.get(f"{ui[0]}/#/experiments/{experiment_id}/runs/{run.info.run_id}")
+    wait_for(browser, visible_text(run.info.run_name), "the run's title")
     close_assistant(browser)
     gap = wait_for(browser, visible_text("gap/accuracy"), "metric gap/accuracy")
     browser.execute_script("arguments[0].scrollIntoView({block: 'center'})", gap)
-    # The value beside the name: the one number of the nearest element around the name that
-    # holds one (its row), as the UI rounds it (within half its last shown digit).
-    row = gap
-    while not re.search(r"\d\.\d", row.text):
-        row = row.find_element("xpath", "..")
-    (shown,) = re.findall(r"-?\d+\.\d+", row.text)
+    # The metrics table's row of gap/accuracy: its value, as the UI rounds it, is the
+    # logged last value to the digits shown (at least three decimals).
+    row = browser.execute_script(
+        "return Array.from(arguments[0].closest('[role=row]').querySelectorAll('[role=cell]'))"
+        ".map(cell => cell.innerText.trim())",
+        gap,
+    )
+    key, shown = row[:2]  # then the model the metric belongs to, if any
     value = run.data.metrics["gap/accuracy"]
-    assert abs(float(shown) - value) <= 0.5 * 10 ** -len(shown.split(".")[1]), (value, row.text)
+    exponent = Decimal(shown).as_tuple().exponent  # -3 for 0.052, -4 for 1.2e-3
+    assert key == "gap/accuracy" and exponent <= -3, row
+    assert abs(float(shown) - value) <= 0.5 * 10.0**exponent + 1e-12, (value, shown)
     browser.save_screenshot(str(SHOTS / "run_metrics.png"))
 
 
 @pytest.mark.parametrize("picture", PICTURES)
-def test_run_artifacts_show_the_logged_pictures(ui, store, browser, picture):
+def test_run_artifacts_show_the_logged_pictures(ui, store, demo, browser, picture):
     experiment_id, run = lab_run(store, "asl_cnn_aug")
     browser.get("about:blank")  # a new page load: the app routes on the hash only when it starts
     browser.get(
-        f"{ui}/#/experiments/{experiment_id}/runs/{run.info.run_id}/artifactPath/plots/{picture}"
+        f"{ui[0]}/#/experiments/{experiment_id}/runs/{run.info.run_id}/artifactPath/plots/{picture}"
     )
     wait_for(browser, visible_text(f"plots/{picture}"), f"the artifact view of {picture}")
-    with Image.open(store / PICTURES[picture]) as image:
+    with Image.open(demo["workspace"] / PICTURES[picture]) as image:
         width = image.size[0]
     # The preview is the logged PNG itself, decoded by the browser: same pixel width.
     shown = wait_for(

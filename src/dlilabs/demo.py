@@ -13,7 +13,9 @@ then runs the real `dvc repro` there. The runs land in the project's own MLflow 
 (experiment `dlilabs-demo`, tagged demo=true), so `make ui` shows them beside the real ones.
 It ends with the story in three lines, each checked against the runs (MLP overfits, CNN
 generalises better, augmentation narrows the gap), and the comparison picture
-(`dlilabs.compare`). Re-running reuses the workspace: unchanged stages are skipped.
+(`dlilabs.compare`); both also go to the experiment's description and its run "the story",
+and it prints the link that opens the MLflow UI on the runs' charts. Re-running reuses the
+workspace: unchanged stages are skipped.
 
     python -m dlilabs.demo [--epochs 9] [--seed 42] [--workspace build/demo] [--git]
 """
@@ -32,6 +34,7 @@ from pathlib import Path
 import yaml
 
 from dlilabs.ground.config import project_root, store_root
+from dlilabs.tracking.uiview import publish_story, runs_url
 
 DEMO_DATASET = "mnist_demo"
 # Labs 2-4 tell the story: the MLP overfits, the CNN generalises, augmentation narrows the gap.
@@ -39,6 +42,8 @@ STORY_LABS = ("asl_mlp", "asl_cnn", "asl_cnn_aug")
 # Measured over seeds on the bundled rows (README, Quick start): by then the CNN's BatchNorm
 # statistics have caught up (its first 3 epochs validate near chance) and the story holds.
 EPOCHS = 9
+# Where `make ui` serves the MLflow UI (its default port).
+UI = "http://127.0.0.1:5000"
 
 
 def lab_configs(source: Path, labs) -> dict:
@@ -235,7 +240,8 @@ def write_comparison(workspace: Path, store: Path, experiment: str, runs: list[s
 def report(workspace: Path, store: Path, seconds: float) -> bool:
     """Print the comparison, the story (checked) and where to look next; True if it held."""
     summaries = read_story(workspace)
-    experiment = lab_configs(workspace, STORY_LABS[:1])[STORY_LABS[0]].tracking.experiment_name
+    tracking = lab_configs(workspace, STORY_LABS[:1])[STORY_LABS[0]].tracking
+    experiment = tracking.experiment_name
     picture = write_comparison(
         workspace, store, experiment, [run["run_id"] for run in summaries.values()]
     )
@@ -254,10 +260,15 @@ def report(workspace: Path, store: Path, seconds: float) -> bool:
             f"  {cross} this run does not show the whole story (a swing at the last epoch?): "
             "try another --seed"
         )
+    shown = [f"{check if holds else cross} {sentence}" for holds, sentence in lines]
+    experiment_id, _ = publish_story(
+        tracking.uri, experiment, tracking.page, shown, [picture, picture.with_suffix(".md")]
+    )
     print(
         f"\nComparison picture: {picture}\n"
         f"Runs: MLflow experiment '{experiment}' in {store / 'mlflow.db'}. Look next:\n"
-        "  make ui                         # MLflow UI on http://127.0.0.1:5000\n"
+        "  make ui                         # the MLflow UI, then open the runs' charts:\n"
+        f"    {runs_url(UI, experiment_id)}\n"
         f"  cd {workspace} && dvc plots show   # learning curves, confusion matrices (HTML)"
     )
     return all(holds for holds, _ in lines)

@@ -18,6 +18,7 @@
     trial       a search job's side: its reopened trial, pruning, its objective
     teamserver  the team server: `mlflow server` (optionally with its login) over...
     postgres    ...a password-protected PostgreSQL cluster in the same folder
+    uiview      what the MLflow UI opens on: experiment kind, description, the story view
 
 The names below are what the stages use. They load lazily, on first use, so that a stage
 which never logs (download, preprocess) does not pay for importing MLflow and Keras.

@@ -53,17 +53,20 @@ def connect(tracking_cfg: DictConfig) -> str:
 
     A SQLite store must be writable (else a UserError naming it); its schema creation or
     upgrade and the experiment's lookup-or-create run under a file lock beside it, so any
-    number of processes may start at once. Then runs left RUNNING by a process that is gone
-    are ended KILLED (`reconcile`; a failure there is only a warning)."""
+    number of processes may start at once. The experiment gets what the MLflow UI needs to
+    open on its runs (`uiview.prepare_experiment`). Then runs left RUNNING by a process that
+    is gone are ended KILLED (`reconcile`; a failure there is only a warning)."""
     import mlflow
 
     from dlilabs.tracking.reconcile import reconcile_quietly
+    from dlilabs.tracking.uiview import prepare_experiment
 
     apply_client_settings(tracking_cfg)  # a dead server fails fast, not after minutes
     database = sqlite_file(tracking_cfg.uri)
     if database is None:
         mlflow.set_tracking_uri(tracking_cfg.uri)
         experiment_id = experiment_id_for(tracking_cfg)
+        prepare_experiment(experiment_id, tracking_cfg.get("page"))  # the UI opens on runs
     else:
         check_writable(database)
         with store_lock(database):
@@ -71,6 +74,7 @@ def connect(tracking_cfg: DictConfig) -> str:
             mlflow.set_tracking_uri(tracking_cfg.uri)
             # The first call builds the store: MLflow creates a new file's schema here.
             experiment_id = experiment_id_for(tracking_cfg)
+            prepare_experiment(experiment_id, tracking_cfg.get("page"))  # the UI opens on runs
             use_write_ahead_log(database)
     mlflow.set_experiment(experiment_id=experiment_id)
     reconcile_quietly(experiment_id, tracking_cfg.get("stale_after_minutes", 30))

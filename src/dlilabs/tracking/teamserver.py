@@ -40,6 +40,7 @@ from dlilabs.tracking.postgres import (
     start_postgres,
     tail,
 )
+from dlilabs.tracking.uiview import landing, runs_url
 
 __all__ = ["Postgres", "free_port", "start_postgres", "start_mlflow", "stop", "main"]
 ADMIN = "admin"
@@ -150,6 +151,18 @@ def stop(mlflow: subprocess.Popen | None = None, postgres: Postgres | None = Non
         end(postgres.process, signal.SIGINT, timeout=timeout)
 
 
+def labs_experiment(uri: str) -> str | None:
+    """The id of the labs' experiment (conf/tracking/server.yaml) on the server at `uri`,
+    prepared for the UI; None when it is not there yet or the server wants a login."""
+    from dlilabs.ground.config import compose
+
+    tracking = compose(["tracking=server"]).tracking
+    try:
+        return landing(uri, [(tracking.experiment_name, tracking.page)])
+    except Exception:  # a login (--auth) or a new server: the link opens the experiment list
+        return None
+
+
 def _interrupt(signum, frame):
     raise KeyboardInterrupt
 
@@ -180,6 +193,7 @@ def main(argv: list[str] | None = None) -> int:
         artifacts = args.artifacts or data_dir / "artifacts"
         process = start_mlflow(postgres, artifacts, args.port, args.workers, log_file, args.auth)
         print(f"MLflow tracking server on {uri} (log: {log_file})", flush=True)
+        print(f"  in a browser: {runs_url(uri, labs_experiment(uri))}", flush=True)
         print(f"Log to it with `tracking=server`, or: export MLFLOW_TRACKING_URI={uri}", flush=True)
         if args.auth:
             admin = data_dir / AUTH_FILES["admin"]
