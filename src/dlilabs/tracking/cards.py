@@ -90,7 +90,45 @@ def summary_line(name: str, version: str, run, published: dict | None) -> str:
     if published and published.get("range"):
         low, high = published["range"]
         parts.append(f"published {low}–{high}: {verdict(published, metrics, dataset)}")
+    if "dataset.class_names" in params:  # image labs: what a client sends
+        parts.append("input: raw pixels 0-255" if raw_input(run) else "input: scaled 0-1")
     return " · ".join(parts)
+
+
+# The run tag the train stage sets on models that scale their own input (raw-pixel serving).
+INPUT_TAG = "model.input"
+
+
+def raw_input(run) -> bool:
+    """True when the run's model takes raw pixels; older versions (no tag) take [0, 1]."""
+    return run.data.tags.get(INPUT_TAG, "").startswith("raw")
+
+
+def input_section(name: str, version: str, run) -> list[str]:
+    """What the version takes and answers, and how to serve it (image labs only)."""
+    classes = run.data.params.get("dataset.class_names")
+    if not classes:
+        return []
+    if raw_input(run):
+        takes = (
+            f"{run.data.tags[INPUT_TAG]}. The served model (a dlilabs PixelClassifier) also "
+            "takes flat CSV rows (n, 784), (n, 28, 28, 1) and base64 PNG/JPEG `images`; "
+            "input already scaled to 0-1 is refused"
+        )
+    else:
+        takes = (
+            "pixels scaled to [0, 1]: float32 (n, 28, 28) (a version from before raw-pixel "
+            "serving, logged with the Keras flavor); divide raw pixels by 255 first "
+            "(`dlilabs.predict` does)"
+        )
+    return [
+        "## Input and classes",
+        f"- Takes: {takes}.",
+        f"- Answers class names {classes.strip('[]').replace(chr(39), '')}.",
+        f"- Serve: `mlflow models serve -m models:/{name}/{version} --env-manager local` "
+        '(README "Serving").',
+        "",
+    ]
 
 
 def data_section(run) -> list[str]:
@@ -142,6 +180,7 @@ def card_markdown(
         f"- Architecture: {tags.get('model.architecture', params.get('model.name', '?'))}",
         f"- Parameters: {int(tags['model.parameters']):,}" if "model.parameters" in tags else "",
         "",
+        *input_section(name, version, run),
         "## Data",
         *data_section(run),
         "",

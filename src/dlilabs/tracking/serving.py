@@ -1,0 +1,169 @@
+"""The registered image models as MLflow pyfunc models that take what users have.
+
+`mlflow models serve -m models:/<lab>/<version>` and `mlflow.pyfunc.load_model` run
+`PixelClassifier`: the lab's Keras model (an artifact, `model.keras`, whose first layer scales
+raw pixels) behind a wrapper that accepts
+
+    pixels     0-255, shaped (n, 28, 28), (n, 784) (CSV rows) or (n, 28, 28, 1)
+    a frame    with the Kaggle CSV columns pixel1..pixel784 (`label` ignored)
+    images     PNG/JPEG files, base64-encoded (decoded as `dlilabs.predict` decodes files)
+
+and answers one row per image: `class` (the class name: ASL letters, MNIST digits), its
+`probability`, then one column per class name. Everything else, including input already
+scaled to 0-1, is refused with a message (HTTP 400) that says what the model takes.
+
+The signature says (-1, 28, 28) float32 `pixels`, the canonical layout. MLflow enforces a
+tensor signature strictly (the exact rank, before the wrapper runs), which would refuse the
+other layouts with numpy's repr of the array as the message: the signature is marked as one
+the model checks itself (as MLflow does for models whose signature comes from type hints),
+and `as_pixels` checks it, with a message in words.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import tempfile
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pandas as pd
+from mlflow.exceptions import MlflowException
+from mlflow.models import ModelSignature
+from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
+from mlflow.types.schema import ColSpec, Schema, TensorSpec
+
+from dlilabs.core.pixels import EXPECTED, InputError, as_pixels, decode_image, score
+
+PIXELS_INPUT, IMAGES_INPUT = "pixels", "images"
+KERAS_ARTIFACT = "keras_model"
+INPUT_DESCRIPTION = (
+    "raw pixels 0-255: float32 (-1, 28, 28) `pixels`; also (n, 784) CSV rows, (n, 28, 28, 1) "
+    "and base64 PNG/JPEG `images`"
+)
+
+
+class PixelClassifier(mlflow.pyfunc.PythonModel):
+    """A lab's Keras classifier for MLflow: inputs as the module doc lists, outputs a frame
+    (`class`, `probability`, one probability column per class name)."""
+
+    # No type hints to validate against: `to_pixels` checks the input (MLflow would otherwise
+    # warn at import that the predict method has none).
+    _skip_type_hint_validation = True
+
+    def __init__(self, class_names: list[str]):
+        self.class_names = [str(name) for name in class_names]
+        self.model = None
+
+    def load_context(self, context) -> None:
+        import keras
+
+        self.model = keras.saving.load_model(context.artifacts[KERAS_ARTIFACT], safe_mode=True)
+
+    def predict(self, context, model_input, params=None) -> pd.DataFrame:
+        try:
+            pixels = to_pixels(model_input)
+        except InputError as error:
+            # MLflow's server answers an MlflowException with INVALID_PARAMETER_VALUE as 400.
+            raise MlflowException(str(error), error_code=INVALID_PARAMETER_VALUE) from None
+        return predictions_frame(score(self.model, pixels), self.class_names)
+
+
+def predictions_frame(probabilities: np.ndarray, class_names: list[str]) -> pd.DataFrame:
+    """Probabilities (n, classes) -> frame: `class` name, its `probability`, one column each."""
+    best = probabilities.argmax(axis=1)
+    frame = pd.DataFrame({
+        "class": [class_names[i] for i in best],
+        "probability": probabilities[np.arange(len(best)), best].astype(np.float64),
+    })
+    columns = pd.DataFrame(probabilities.astype(np.float64), columns=class_names)
+    return pd.concat([frame, columns], axis=1)
+
+
+def decode_images(encoded, source: str = IMAGES_INPUT) -> np.ndarray:
+    """Base64 strings (or bytes) of PNG/JPEG files -> float32 (n, 28, 28) pixels 0-255."""
+    items = np.atleast_1d(np.asarray(encoded, dtype=object)).ravel().tolist()
+    if not items:
+        raise InputError(f"{source}: no images; expected {EXPECTED}")
+    decoded = []
+    for number, item in enumerate(items, start=1):
+        where = f"{source} item {number}"
+        try:
+            data = item if isinstance(item, bytes) else base64.b64decode(str(item), validate=True)
+        except (binascii.Error, ValueError):
+            raise InputError(f"{where}: not base64; expected {EXPECTED}") from None
+        decoded.append(decode_image(data, where))
+    return np.stack(decoded)
+
+
+def to_pixels(model_input) -> np.ndarray:
+    """What the server or a pyfunc caller passes -> float32 (n, 28, 28) pixels 0-255."""
+    from dlilabs.core.rawdata import pixel_names
+
+    if isinstance(model_input, pd.DataFrame):
+        columns = pixel_names()
+        if set(columns) <= set(model_input.columns):
+            return as_pixels(model_input[columns].to_numpy(), "CSV rows")
+        if list(model_input.columns) == [IMAGES_INPUT]:
+            return decode_images(model_input[IMAGES_INPUT].to_numpy())
+        named = ", ".join(map(str, model_input.columns[:5]))
+        raise InputError(
+            f"a table with columns {named}{'...' if model_input.shape[1] > 5 else ''}: expected "
+            f"pixel1..pixel784 (the Kaggle CSV layout) or one column `{IMAGES_INPUT}`; "
+            f"the model takes {EXPECTED}"
+        )
+    if isinstance(model_input, dict):
+        keys = sorted(map(str, model_input))
+        if keys == [PIXELS_INPUT]:
+            return as_pixels(model_input[PIXELS_INPUT], PIXELS_INPUT)
+        if keys == [IMAGES_INPUT]:
+            return decode_images(model_input[IMAGES_INPUT])
+        raise InputError(
+            f"inputs named {keys}: expected one of `{PIXELS_INPUT}` (numbers) or "
+            f"`{IMAGES_INPUT}` (base64 files); the model takes {EXPECTED}"
+        )
+    return as_pixels(model_input)
+
+
+def signature(class_names: list[str]) -> ModelSignature:
+    """(-1, 28, 28) float32 raw pixels in; class name, its probability and each class's out.
+    Marked as checked by the model (see the module doc) so the other layouts reach it."""
+    outputs = [ColSpec("string", "class"), ColSpec("double", "probability")]
+    outputs += [ColSpec("double", str(name)) for name in class_names]
+    result = ModelSignature(
+        inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, 28, 28), PIXELS_INPUT)]),
+        outputs=Schema(outputs),
+    )
+    result._is_signature_from_type_hint = True
+    return result
+
+
+def log_pixel_model(model, class_names: list[str], registered_name: str | None, **kwargs):
+    """Log `model` (raw-pixel Keras classifier) as a PixelClassifier named "model" on the
+    active run, register it as `registered_name` if given; `kwargs` go to log_model
+    (pip_requirements, input_example). Returns MLflow's ModelInfo."""
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "model.keras"
+        model.save(path)
+        return mlflow.pyfunc.log_model(
+            name="model",
+            python_model=PixelClassifier(class_names),
+            artifacts={KERAS_ARTIFACT: str(path)},
+            signature=signature(class_names),
+            registered_model_name=registered_name,
+            metadata={"input": INPUT_DESCRIPTION, "class_names": list(map(str, class_names))},
+            **kwargs,
+        )
+
+
+def is_pixel_model(model_uri: str) -> bool:
+    """True for versions logged as PixelClassifier (raw pixels), False for the older Keras
+    flavor ones (scaled input); `model_uri` as mlflow.models.get_model_info takes it."""
+    return "keras" not in mlflow.models.get_model_info(model_uri).flavors
+
+
+def load_pixel_model(model_uri: str):
+    """(Keras model, class names) of a PixelClassifier version."""
+    wrapper = mlflow.pyfunc.load_model(model_uri).unwrap_python_model()
+    return wrapper.model, wrapper.class_names
