@@ -8,8 +8,9 @@ MODEL is a registered model name (its latest version), a lab whose `models/<lab>
 exists in the project, an MLflow URI (`models:/<name>@<alias>`, `models:/<name>/<version>`,
 `runs:/<id>/model`) or a path (a .keras file, an MLflow model folder). INPUTs are images
 (PNG, JPEG, ... of any size: loaded as the course's next lab does, grayscale and resized to
-28x28; the model scales the pixels, older versions get them divided by 255 here) or CSV files in the Kaggle layout (`label` optional, then
-pixel1..pixel784), one prediction per row. Prints the top classes with their probabilities,
+28x28) or CSV files in the Kaggle layout (`label` optional, then pixel1..pixel784), one
+prediction per row; the model scales the raw pixels (older versions, which take scaled
+input, get them divided by 255 here). Prints the top classes with their probabilities,
 as letters for ASL models; for CSV rows with a label, the actual class too.
 """
 

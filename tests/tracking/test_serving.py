@@ -232,4 +232,3 @@ def test_an_older_scaled_input_version_keeps_working(served, inputs):
     np.testing.assert_allclose(np.asarray(as_before), current, atol=1e-6)
     card = card_markdown(f"{served.lab}_older", "1", mlflow.get_run(run.info.run_id), None, None)
     assert "- Takes: pixels scaled to [0, 1]" in card
-

@@ -33,8 +33,8 @@ def takes_raw_pixels(model: keras.Model) -> bool:
 def build_mlp(
     input_shape: tuple[int, ...], num_classes: int, hidden_units=(512, 512), activation="relu"
 ) -> keras.Model:
-    """Labs 1-2: raw pixels (batch, 28, 28) 0-255 -> /255 -> Flatten (784) -> Dense relu ... -> softmax
-    (batch, classes)."""
+    """Labs 1-2: raw pixels (batch, 28, 28) 0-255 -> /255 -> Flatten (784) -> Dense relu ...
+    -> softmax (batch, classes)."""
     model = keras.Sequential(name="mlp")
     model.add(keras.Input(shape=input_shape, name="image"))
     model.add(scale_pixels())
@@ -61,8 +61,9 @@ def build_cnn(
     dense_units: int = 512,
     dropout: float = 0.3,
 ) -> keras.Model:
-    """Labs 3-4: raw pixels (batch, 28, 28) 0-255 -> /255 -> (28, 28, 1) -> [Conv2D relu -> (Dropout) -> BatchNorm
-    -> MaxPool] x 3 -> Flatten -> Dense relu -> Dropout -> softmax (batch, classes)."""
+    """Labs 3-4: raw pixels (batch, 28, 28) 0-255 -> /255 -> (28, 28, 1) -> [Conv2D relu ->
+    (Dropout) -> BatchNorm -> MaxPool] x 3 -> Flatten -> Dense relu -> Dropout -> softmax
+    (batch, classes)."""
     model = keras.Sequential(name="cnn")
     model.add(keras.Input(shape=input_shape, name="image"))
     model.add(scale_pixels())

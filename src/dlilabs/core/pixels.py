@@ -64,9 +64,7 @@ def as_pixels(values, source: str = "input") -> np.ndarray:
     anything else, values outside 0-255, and input that looks already scaled to [0, 1]
     (fractions, none above 1): scored as raw pixels it would be almost black, and wrong."""
     array = np.asarray(values)
-    if array.dtype == object or not (
-        np.issubdtype(array.dtype, np.number) or array.dtype == bool
-    ):
+    if array.dtype == object or not (np.issubdtype(array.dtype, np.number) or array.dtype == bool):
         raise InputError(f"{source}: got {array.dtype} values, not numbers; expected {EXPECTED}")
     shape = array.shape
     if shape in ((PIXELS,), IMAGE_SIZE, (*IMAGE_SIZE, 1)):
@@ -82,8 +80,7 @@ def as_pixels(values, source: str = "input") -> np.ndarray:
         raise InputError(f"{source}: values include NaN or infinity; expected {EXPECTED}")
     if pixels.min() < 0 or pixels.max() > 255:
         raise InputError(
-            f"{source}: values range from {pixels.min():g} to {pixels.max():g}; "
-            f"expected {EXPECTED}"
+            f"{source}: values range from {pixels.min():g} to {pixels.max():g}; expected {EXPECTED}"
         )
     if pixels.max() <= 1 and (pixels != np.round(pixels)).any():
         raise InputError(

@@ -73,10 +73,12 @@ class PixelClassifier(mlflow.pyfunc.PythonModel):
 def predictions_frame(probabilities: np.ndarray, class_names: list[str]) -> pd.DataFrame:
     """Probabilities (n, classes) -> frame: `class` name, its `probability`, one column each."""
     best = probabilities.argmax(axis=1)
-    frame = pd.DataFrame({
-        "class": [class_names[i] for i in best],
-        "probability": probabilities[np.arange(len(best)), best].astype(np.float64),
-    })
+    frame = pd.DataFrame(
+        {
+            "class": [class_names[i] for i in best],
+            "probability": probabilities[np.arange(len(best)), best].astype(np.float64),
+        }
+    )
     columns = pd.DataFrame(probabilities.astype(np.float64), columns=class_names)
     return pd.concat([frame, columns], axis=1)
 
