@@ -215,7 +215,7 @@ def test_an_older_scaled_input_version_keeps_working(served, inputs):
     # on x / 255. dlilabs.predict divides for them; their pyfunc takes scaled input as before.
     import keras
 
-    from dlilabs.tracking.cards import card_markdown
+    from dlilabs.tracking.cards import card_markdown, card_summary, write_card
     from dlilabs.tracking.labrun import log_keras_model
 
     current = predict_command(served, [inputs.csv])
@@ -230,5 +230,17 @@ def test_an_older_scaled_input_version_keeps_working(served, inputs):
     np.testing.assert_allclose(predict_command(served, [inputs.csv], older_uri), current, atol=1e-6)
     as_before = mlflow.pyfunc.load_model(older_uri).predict(scaled)
     np.testing.assert_allclose(np.asarray(as_before), current, atol=1e-6)
-    card = card_markdown(f"{served.lab}_older", "1", mlflow.get_run(run.info.run_id), None, None)
-    assert "- Takes: pixels scaled to [0, 1]" in card
+    # Its card, as written before cards had an input section: the next version's card
+    # writing adds the section to it (the registry description).
+    client, name = mlflow.MlflowClient(), f"{served.lab}_older"
+    card = card_markdown(name, "1", mlflow.get_run(run.info.run_id), None, None)
+    section = card[card.index("## Input and classes") : card.index("## Data")]
+    assert "- Takes: pixels scaled to [0, 1]" in section
+    old_card = card.replace(section, "").replace(" · input: scaled 0-1", "")
+    client.update_model_version(name, "1", description=old_card)
+    with mlflow.start_run() as newer:
+        mlflow.log_param("dataset.class_names", str(LETTERS))
+        log_keras_model(model, inputs.images[:2].astype(np.float32), name, LETTERS)
+    write_card(client, compose(LABS[served.lab]), newer.info.run_id, name, "2")
+    assert client.get_model_version(name, "1").description == card
+    assert card_summary(f"models:/{name}/1", served.store).endswith("input: scaled 0-1")

@@ -21,6 +21,7 @@ from mlflow.exceptions import MlflowException
 from omegaconf import DictConfig, OmegaConf
 
 from dlilabs.tracking.lineage import run_datasets
+from dlilabs.tracking.serving import input_section, note_older_inputs, raw_input
 from dlilabs.tracking.store import retry_if_locked
 
 log = logging.getLogger("dlilabs.tracking")
@@ -93,42 +94,6 @@ def summary_line(name: str, version: str, run, published: dict | None) -> str:
     if "dataset.class_names" in params:  # image labs: what a client sends
         parts.append("input: raw pixels 0-255" if raw_input(run) else "input: scaled 0-1")
     return " · ".join(parts)
-
-
-# The run tag the train stage sets on models that scale their own input (raw-pixel serving).
-INPUT_TAG = "model.input"
-
-
-def raw_input(run) -> bool:
-    """True when the run's model takes raw pixels; older versions (no tag) take [0, 1]."""
-    return run.data.tags.get(INPUT_TAG, "").startswith("raw")
-
-
-def input_section(name: str, version: str, run) -> list[str]:
-    """What the version takes and answers, and how to serve it (image labs only)."""
-    classes = run.data.params.get("dataset.class_names")
-    if not classes:
-        return []
-    if raw_input(run):
-        takes = (
-            f"{run.data.tags[INPUT_TAG]}. The served model (a dlilabs PixelClassifier) also "
-            "takes flat CSV rows (n, 784), (n, 28, 28, 1) and base64 PNG/JPEG `images`; "
-            "input already scaled to 0-1 is refused"
-        )
-    else:
-        takes = (
-            "pixels scaled to [0, 1]: float32 (n, 28, 28) (a version from before raw-pixel "
-            "serving, logged with the Keras flavor); divide raw pixels by 255 first "
-            "(`dlilabs.predict` does)"
-        )
-    return [
-        "## Input and classes",
-        f"- Takes: {takes}.",
-        f"- Answers class names {classes.strip('[]').replace(chr(39), '')}.",
-        f"- Serve: `mlflow models serve -m models:/{name}/{version} --env-manager local` "
-        '(README "Serving").',
-        "",
-    ]
 
 
 def data_section(run) -> list[str]:
@@ -256,6 +221,7 @@ def write_card(client: MlflowClient, cfg: DictConfig, run_id: str, name: str, ve
         note = f"\n… (the whole card: runs:/{run_id}/{CARD})\n"
         description = description[: DESCRIPTION_CHARS - len(note)] + note
     retry_if_locked(client.update_model_version, name, str(version), description=description)
+    note_older_inputs(client, name, DESCRIPTION_CHARS)  # older cards: which input they take
     return text
 
 

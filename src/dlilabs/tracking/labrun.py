@@ -345,8 +345,7 @@ def finish_run(
     classes = cfg.dataset.get("class_names")  # image labs: served with their class names
     model_info = log_keras_model(model, sample, registered, classes and list(map(str, classes)))
     if classes:  # the model card says which input this version takes
-        from dlilabs.tracking.cards import INPUT_TAG
-        from dlilabs.tracking.serving import INPUT_DESCRIPTION
+        from dlilabs.tracking.serving import INPUT_DESCRIPTION, INPUT_TAG
 
         mlflow.set_tag(INPUT_TAG, INPUT_DESCRIPTION)
     version = getattr(model_info, "registered_model_version", None)

@@ -169,3 +169,72 @@ def load_pixel_model(model_uri: str):
     """(Keras model, class names) of a PixelClassifier version."""
     wrapper = mlflow.pyfunc.load_model(model_uri).unwrap_python_model()
     return wrapper.model, wrapper.class_names
+
+
+# The model card's section on input, from the run: new versions carry INPUT_TAG (set by
+# labrun.finish_run); older ones (no tag) were logged with the Keras flavor, scaled input.
+# The run tag the train stage sets on models that scale their own input (raw-pixel serving).
+INPUT_TAG = "model.input"
+
+
+def raw_input(run) -> bool:
+    """True when the run's model takes raw pixels; older versions (no tag) take [0, 1]."""
+    return run.data.tags.get(INPUT_TAG, "").startswith("raw")
+
+
+def input_section(name: str, version: str, run) -> list[str]:
+    """What the version takes and answers, and how to serve it (image labs only)."""
+    classes = run.data.params.get("dataset.class_names")
+    if not classes:
+        return []
+    if raw_input(run):
+        takes = (
+            f"{run.data.tags[INPUT_TAG]}; input already scaled to 0-1 is refused "
+            "(the served model is a dlilabs PixelClassifier)"
+        )
+    else:
+        takes = (
+            "pixels scaled to [0, 1]: float32 (n, 28, 28) (a version from before raw-pixel "
+            "serving, logged with the Keras flavor); divide raw pixels by 255 first "
+            "(`dlilabs.predict` does)"
+        )
+    return [
+        "## Input and classes",
+        f"- Takes: {takes}.",
+        f"- Answers class names {classes.strip('[]').replace(chr(39), '')}.",
+        f"- Serve: `mlflow models serve -m models:/{name}/{version} --env-manager local` "
+        '(README "Serving").',
+        "",
+    ]
+
+
+def note_older_inputs(client, name: str, limit: int = 5000) -> list[str]:
+    """Add the "Input and classes" section (and `input: scaled 0-1` on the summary line) to
+    the cards of `name`'s versions written before it existed, in the registry description
+    (kept under `limit` characters). Returns the versions changed. Called whenever a new
+    version's card is written."""
+    from dlilabs.tracking.store import retry_if_locked
+
+    changed = []
+    quoted = name.replace("'", "")
+    for found in retry_if_locked(client.search_model_versions, f"name = '{quoted}'"):
+        text = found.description or ""
+        if not text.startswith("# Model card") or "## Input and classes" in text:
+            continue
+        run = retry_if_locked(client.get_run, found.run_id) if found.run_id else None
+        section = input_section(name, str(found.version), run) if run else []
+        if not section or "\n## Data\n" not in text:
+            continue
+        head, summary, rest = text.split("\n", 2)
+        if summary.startswith("> ") and "input:" not in summary:
+            summary += " · input: raw pixels 0-255" if raw_input(run) else " · input: scaled 0-1"
+        rest = rest.replace("\n## Data\n", "\n" + "\n".join(section) + "\n## Data\n", 1)
+        description = "\n".join([head, summary, rest])
+        if len(description) > limit:
+            note = f"\n… (the whole card: runs:/{found.run_id}/model_card.md)\n"
+            description = description[: limit - len(note)] + note
+        retry_if_locked(
+            client.update_model_version, name, str(found.version), description=description
+        )
+        changed.append(str(found.version))
+    return changed
