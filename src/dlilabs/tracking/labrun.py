@@ -193,7 +193,6 @@ def log_keras_model(
 
     from dlilabs.tracking.serving import log_pixel_model
 
-    signature = infer_signature(sample_inputs, np.asarray(model(sample_inputs, training=False)))
     # MLflow checks the input example with its own predict() calls, each of which would draw
     # a Keras progress bar in the stage's output: nothing a user needs.
     # (Non-interactive, Keras sends them to absl's logger instead: quiet that one meanwhile.)
@@ -217,12 +216,13 @@ def log_keras_model(
                     # (`mlflow models serve --env-manager local`, README "Serving").
                     pip_requirements=requirements,
                 )
+            outputs = np.asarray(model(sample_inputs, training=False))
             return Model.log(
                 artifact_path=None,
                 name="model",
                 flavor=_KERAS_FLAVOR,
                 model=model,
-                signature=signature,
+                signature=infer_signature(sample_inputs, outputs),
                 input_example=sample_inputs,
                 registered_model_name=registered_name,
                 # Listing them skips MLflow's requirement inference, which reloads the model

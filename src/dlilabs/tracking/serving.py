@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import logging
 import tempfile
 from pathlib import Path
 
@@ -145,18 +146,27 @@ def log_pixel_model(model, class_names: list[str], registered_name: str | None, 
     """Log `model` (raw-pixel Keras classifier) as a PixelClassifier named "model" on the
     active run, register it as `registered_name` if given; `kwargs` go to log_model
     (pip_requirements, input_example). Returns MLflow's ModelInfo."""
-    with tempfile.TemporaryDirectory() as folder:
-        path = Path(folder) / "model.keras"
-        model.save(path)
-        return mlflow.pyfunc.log_model(
-            name="model",
-            python_model=PixelClassifier(class_names),
-            artifacts={KERAS_ARTIFACT: str(path)},
-            signature=signature(class_names),
-            registered_model_name=registered_name,
-            metadata={"input": INPUT_DESCRIPTION, "class_names": list(map(str, class_names))},
-            **kwargs,
-        )
+    pyfunc_logger = logging.getLogger("mlflow.pyfunc")
+    level = pyfunc_logger.level
+    # Its notes on every log would fill each train stage's output: that the wrapper is
+    # cloudpickled (it is our own class, loaded by reference from dlilabs) and that it
+    # validates the input example (which it then does, raising on failure).
+    pyfunc_logger.setLevel(logging.ERROR)
+    try:
+        with tempfile.TemporaryDirectory() as folder:
+            path = Path(folder) / "model.keras"
+            model.save(path)
+            return mlflow.pyfunc.log_model(
+                name="model",
+                python_model=PixelClassifier(class_names),
+                artifacts={KERAS_ARTIFACT: str(path)},
+                signature=signature(class_names),
+                registered_model_name=registered_name,
+                metadata={"input": INPUT_DESCRIPTION, "class_names": list(map(str, class_names))},
+                **kwargs,
+            )
+    finally:
+        pyfunc_logger.setLevel(level)
 
 
 def is_pixel_model(model_uri: str) -> bool:
