@@ -7,7 +7,7 @@ BIN    := $(VENV)/bin
 export PATH := $(abspath $(BIN)):$(PATH)
 
 .DEFAULT_GOAL := help
-.PHONY: help install dev test test-fast lint format demo repro bench ui server compare reproduce cluster cluster-stop clean
+.PHONY: help install dev test test-fast lint format demo repro bench ui server serve compare reproduce cluster cluster-stop clean
 
 help: ## List the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -56,6 +56,11 @@ ui: install ## MLflow UI over the project's store; prints the link to the story'
 
 server: install ## Team tracking server: PostgreSQL + MLflow on http://127.0.0.1:5001, store in .server/ (PORT=5001, AUTH=1: login)
 	$(PY) -m dlilabs.server --port $(or $(PORT),5001) --data-dir $(CURDIR)/.server $(if $(AUTH),--auth)
+
+serve: install ## Serve a registered model on http://127.0.0.1:5002/invocations (MODEL=models:/asl_cnn@champion, PORT=5002)
+	MLFLOW_TRACKING_URI=$${MLFLOW_TRACKING_URI:-sqlite:///$(CURDIR)/mlflow.db} \
+		$(BIN)/mlflow models serve -m $(or $(MODEL),models:/asl_cnn@champion) --env-manager local \
+		--host 127.0.0.1 --port $(or $(PORT),5002)
 
 compare: install ## Labs side by side: build/reports/comparison.{png,md} (ARGS="--experiment dlilabs-demo")
 	$(PY) -m dlilabs.compare $(ARGS)

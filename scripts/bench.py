@@ -230,8 +230,10 @@ def pipeline_side(augment):
 
 
 def notebook_side(dtype=np.float64, augment=False):
-    # The course: no optimizer given (RMSprop 1e-3), `/ 255` (float64), to_categorical.
-    model = build_model(cfg.model, shape, classes)
+    # The course: no optimizer given (RMSprop 1e-3), `/ 255` (float64), to_categorical; its
+    # model has no scaling layer (ours divides raw pixels by 255 itself: strip it).
+    ours = build_model(cfg.model, shape, classes)
+    model = keras.Sequential([keras.Input(shape), *ours.layers[1:]], name=ours.name)
     model.compile(loss="categorical_crossentropy", metrics=["accuracy"])
     images = (x / 255).astype(dtype, copy=False).reshape(-1, *shape)
     labels = keras.utils.to_categorical(y, classes)

@@ -124,3 +124,14 @@ def test_a_failing_evaluate_records_its_outcome_and_leaves_the_train_run_finishe
     run = client.get_run(summary["run_id"])
     assert run.info.status == "FINISHED" and run.data.tags["eval.status"] == "finished"
     assert "eval.error" not in run.data.tags
+
+
+def test_a_model_saved_before_raw_pixels_is_not_mis_scored(project, tiny_mnist):
+    # model.keras from before the models scaled their own input: the pipeline's raw pixels
+    # would reach it unscaled. Evaluate says to retrain instead of scoring it wrong.
+    train_run(compose(TINY))
+    model_file = project / "models" / "mnist_mlp" / "model.keras"
+    model = keras.saving.load_model(model_file)
+    keras.Sequential([keras.Input((28, 28)), *model.layers[1:]]).save(model_file)
+    with pytest.raises(UserError, match=r"saved before .* retrain it \(`dvc repro train@"):
+        evaluate_run(compose(TINY))

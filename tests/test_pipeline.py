@@ -61,10 +61,11 @@ def test_one_finished_run_per_lab_with_gap_history(reproduced):
 
 def test_registered_models_load_and_predict(reproduced):
     mlflow.set_tracking_uri(f"sqlite:///{reproduced}/mlflow.db")
-    images = make_images(3, 10)[0].astype(np.float32) / 255.0
+    images = make_images(3, 10)[0]  # raw pixels, as a CSV row or an image file holds them
     for lab in IMAGE_LABS:
         model = mlflow.pyfunc.load_model(f"models:/demo_{lab}/1")
-        assert np.asarray(model.predict(images)).shape == (3, 10)
+        predictions = model.predict(images)  # class, probability, one column per digit
+        assert predictions.shape == (3, 12) and set(predictions["class"]) <= set("0123456789")
 
 
 def test_pipeline_is_clean_and_a_second_repro_does_nothing(reproduced):

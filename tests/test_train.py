@@ -85,10 +85,12 @@ def test_logged_model_is_registered_and_predicts_probabilities(project, tiny_mni
     mlflow.set_tracking_uri(f"sqlite:///{project}/mlflow.db")
     for uri in (summary["model_uri"], "models:/mnist_mlp/1"):
         model = mlflow.pyfunc.load_model(uri)
-        images = np.random.default_rng(0).random((4, 28, 28), dtype=np.float32)
-        probabilities = np.asarray(model.predict(images))
+        images = np.random.default_rng(0).random((4, 28, 28), dtype=np.float32) * 255  # raw
+        predictions = model.predict(images)  # class, probability, then one column per digit
+        probabilities = predictions[[str(digit) for digit in range(10)]].to_numpy()
         assert probabilities.shape == (4, 10)
         np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, rtol=1e-5)
+        assert list(predictions["class"]) == [str(i) for i in probabilities.argmax(axis=1)]
     signature = model.metadata.signature
     assert signature is not None
     assert list(signature.inputs.to_dict()[0]["tensor-spec"]["shape"]) == [-1, 28, 28]
@@ -109,7 +111,7 @@ def test_saved_model_holds_the_best_epoch_weights(project, tiny_mnist):
 
     model = keras.saving.load_model(model_dir / "model.keras")
     images, labels = load_split(tiny_mnist / "val.npz")
-    accuracy = np.mean(model.predict(images / 255.0, verbose=0).argmax(1) == labels)
+    accuracy = np.mean(model.predict(images, verbose=0).argmax(1) == labels)  # raw pixels
     assert accuracy == pytest.approx(history.val_accuracy[best - 1], abs=1e-6)
 
 

@@ -52,8 +52,9 @@ def load_trained(model_dir: Path) -> tuple[keras.Model, dict]:
 
 
 def check_fits(model: keras.Model, images: np.ndarray, num_classes: int, where: str) -> None:
-    """Raise UserError unless `images` (n, *shape) have the model's input shape and the model
-    outputs `num_classes` probabilities; `where` names the data and model for the message."""
+    """Raise UserError unless `images` (n, *shape) have the model's input shape, the model
+    outputs `num_classes` probabilities and scales raw pixels itself; `where` names the data
+    and model for the message."""
     expected, given = tuple(model.input_shape[1:]), tuple(images.shape[1:])
     outputs = model.output_shape[-1]
     if expected != given or outputs != num_classes:
@@ -63,6 +64,14 @@ def check_fits(model: keras.Model, images: np.ndarray, num_classes: int, where: 
             "Evaluate a lab on the dataset it was trained on (drop the `dataset=` override), "
             "or train it on this one first (`python -m dlilabs.train experiment=<lab> "
             "dataset=<dataset>`)"
+        )
+    from dlilabs.core.models import takes_raw_pixels
+
+    if not takes_raw_pixels(model):  # the input pipeline now feeds raw pixels 0-255
+        raise UserError(
+            f"{where}: the model was saved before the image models scaled their own input "
+            "(it takes pixels divided by 255; the pipeline now feeds raw pixels, which it "
+            "would mis-score): retrain it (`dvc repro train@<lab>`)"
         )
 
 

@@ -8,17 +8,16 @@ MODEL is a registered model name (its latest version), a lab whose `models/<lab>
 exists in the project, an MLflow URI (`models:/<name>@<alias>`, `models:/<name>/<version>`,
 `runs:/<id>/model`) or a path (a .keras file, an MLflow model folder). INPUTs are images
 (PNG, JPEG, ... of any size: loaded as the course's next lab does, grayscale and resized to
-28x28, then scaled by 1/255) or CSV files in the Kaggle layout (`label` optional, then
-pixel1..pixel784), one prediction per row. Prints the top classes with their probabilities,
+28x28) or CSV files in the Kaggle layout (`label` optional, then pixel1..pixel784), one
+prediction per row; the model scales the raw pixels (older versions, which take scaled
+input, get them divided by 255 here). Prints the top classes with their probabilities,
 as letters for ASL models; for CSV rows with a label, the actual class too.
 """
 
 from __future__ import annotations
 
 import argparse
-import re
 import sys
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -27,37 +26,19 @@ import yaml
 from dlilabs.ground.config import project_root
 from dlilabs.ground.errors import UserError
 
-IMAGE_SIZE = (28, 28)
 FORMATS = "an image (PNG, JPEG, ...) or a Kaggle-layout CSV (label,pixel1..pixel784)"
 
 
 def load_image(path: Path) -> np.ndarray:
-    """An image file of any size and mode -> float32 (28, 28) in [0, 1]: grayscale, resized
-    with Keras' `load_img` as the course does (nearest neighbour), divided by 255."""
-    import keras
-    from PIL import Image, UnidentifiedImageError
+    """An image file of any size and mode -> float32 (28, 28) pixels 0-255 (see
+    dlilabs.core.pixels.decode_image: the served models decode base64 images with it too)."""
+    from dlilabs.core.pixels import decode_image
 
-    try:
-        with warnings.catch_warnings():
-            # Pillow only warns between its pixel limit and twice it: refuse those too.
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = keras.utils.load_img(path, color_mode="grayscale", target_size=IMAGE_SIZE)
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
-        size = re.search(r"\(\d+ pixels\)", str(error))
-        raise UserError(
-            f"{path}: too large to open safely {size.group(0) if size else ''}: over Pillow's "
-            f"limit of {Image.MAX_IMAGE_PIXELS} pixels against decompression bombs; "
-            "shrink the image first"
-        ) from None
-    except (UnidentifiedImageError, OSError, ValueError) as error:
-        raise UserError(
-            f"{path}: not a readable image ({type(error).__name__}); give {FORMATS}"
-        ) from None
-    return keras.utils.img_to_array(image)[..., 0] / 255.0
+    return decode_image(path, str(path), FORMATS)
 
 
 def load_csv(path: Path) -> tuple[np.ndarray, np.ndarray | None]:
-    """A Kaggle-layout CSV -> float32 images (n, 28, 28) in [0, 1] and the raw `label`
+    """A Kaggle-layout CSV -> float32 images (n, 28, 28) pixels 0-255 and the raw `label`
     column (n,) if there is one. Bad cells are UserErrors naming the row and column."""
     from dlilabs.core.rawdata import frame_values, kaggle_columns, pixel_names, read_csv, to_images
 
@@ -68,11 +49,12 @@ def load_csv(path: Path) -> tuple[np.ndarray, np.ndarray | None]:
         raise UserError(f"{path}: no data rows")
     images = to_images(frame_values(frame[columns], path.name), path.name, columns)
     labels = frame_values(frame[["label"]], path.name)[:, 0] if "label" in frame else None
-    return images.astype(np.float32) / 255.0, labels
+    return images.astype(np.float32), labels
 
 
 def read_inputs(paths: list[Path]) -> tuple[list[str], np.ndarray, list[object]]:
-    """Files -> (one name per image, float32 images (n, 28, 28), raw labels or None each)."""
+    """Files -> (one name per image, float32 pixels (n, 28, 28) 0-255, raw labels or None
+    each)."""
     for path in paths:
         if not path.is_file():
             raise UserError(f"{path}: no such file; give {FORMATS}")
@@ -161,12 +143,11 @@ def top_classes(
 
 
 def classify(model, images: np.ndarray) -> np.ndarray:
-    """float32 images (n, 28, 28) -> probabilities (n, classes), reshaped to the model's
-    input (28, 28) or (28, 28, 1)."""
-    shape = tuple(model.input_shape[1:])
-    if int(np.prod(shape)) != images[0].size:
-        raise UserError(f"the model takes inputs of shape {shape}, not 28x28 images")
-    return np.asarray(model.predict(images.reshape(-1, *shape), verbose=0))
+    """float32 pixels (n, 28, 28) 0-255 -> probabilities (n, classes): the computation the
+    served model runs (dlilabs.core.pixels.score; older models get the pixels / 255)."""
+    from dlilabs.core.pixels import score
+
+    return score(model, images)
 
 
 def positive_int(text: str) -> int:

@@ -141,7 +141,7 @@ def fit_lab(cfg, experiment_id, device, splits, split_tags, plan, previous_run) 
             epoch_logger.flush()  # epochs done so far reach MLflow even if training stops early
         summary = summary_metrics(rows, best_epoch)
         tracking.log_metrics(summary)
-        sample = x_val[:5].astype(np.float32) / 255.0
+        sample = x_val[:5].astype(np.float32)  # raw pixels: the model scales them
         run_info, _ = tracking.finish_run(
             cfg, run, experiment_id, model, sample, rows, summary, device=device
         )

@@ -11,13 +11,14 @@ from dlilabs.ground.config import compose
 from dlilabs.ground.errors import UserError
 
 
-def test_batches_are_scaled_one_hot_and_cover_the_set_once():
+def test_batches_are_raw_pixels_one_hot_and_cover_the_set_once():
     images, labels = make_images(100, 10)
     batches = list(make_dataset(images, labels, 10, batch_size=32))
     assert [len(x) for x, _ in batches] == [32, 32, 32, 4]
     x, y = batches[0]
     assert x.dtype.name == "float32" and x.shape[1:] == (28, 28)
-    np.testing.assert_allclose(x.numpy(), images[:32] / 255.0, rtol=1e-6)
+    # Unscaled: the model's first layer divides by 255 (see tests/core/test_models.py).
+    np.testing.assert_array_equal(x.numpy(), images[:32].astype(np.float32))
     np.testing.assert_array_equal(y.numpy().argmax(1), labels[:32])
     assert y.shape == (32, 10)
 
@@ -41,7 +42,22 @@ def test_augmented_epoch_has_the_same_batches_with_changed_images():
     assert x_aug.shape == x_plain.shape
     np.testing.assert_array_equal(y_aug.numpy(), y_plain.numpy())
     assert not np.allclose(x_aug.numpy(), x_plain.numpy())
-    assert float(x_aug.numpy().min()) >= 0.0 and float(x_aug.numpy().max()) <= 1.0 + 1e-6
+    assert float(x_aug.numpy().min()) >= 0.0 and float(x_aug.numpy().max()) <= 255.0 + 1e-3
+
+
+def test_augmenting_raw_pixels_is_the_maths_of_augmenting_scaled_ones():
+    # Before scaling moved into the model the pipeline augmented x / 255; now it augments x
+    # and the model divides. The image layers are linear, so the two agree to float rounding.
+    import tensorflow as tf
+
+    augment = compose(["augment=dli"]).augment
+    images = make_images(16, 10)[0][..., np.newaxis].astype(np.float32)
+    tf.random.set_seed(0)
+    scaled_first = build_augmenter(augment, seed=4)(images / 255.0, training=True).numpy()
+    tf.random.set_seed(0)
+    raw = build_augmenter(augment, seed=4)(images, training=True).numpy()
+    assert not np.allclose(raw, images)  # the draws did transform the images
+    np.testing.assert_allclose(raw / 255.0, scaled_first, atol=1e-6)
 
 
 def test_augment_none_builds_nothing():

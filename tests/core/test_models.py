@@ -1,9 +1,11 @@
 """Each lab's model builds from its config with the architecture LABS.md gives."""
 
 import keras
+import numpy as np
 import pytest
 
-from dlilabs.core.models import build_model
+from conftest import make_images
+from dlilabs.core.models import SCALE_LAYER, build_model, takes_raw_pixels
 from dlilabs.ground.config import compose
 
 
@@ -30,6 +32,7 @@ def test_cnn_layers_follow_the_lab():
     model = build("asl_cnn")
     kinds = [type(layer).__name__ for layer in model.layers]
     assert kinds == [
+        "Normalization",  # scale_pixels: raw 0-255 in
         "Reshape",
         "Conv2D",
         "BatchNormalization",
@@ -52,7 +55,7 @@ def test_cnn_layers_follow_the_lab():
     dropouts = [layer.rate for layer in model.layers if isinstance(layer, keras.layers.Dropout)]
     assert dropouts == [0.2, 0.3]
     # Three stride-2 'same' pools: 28 -> 14 -> 7 -> 4, 25 channels.
-    assert model.get_layer(index=11).output.shape[1:] == (4 * 4 * 25,)
+    assert model.get_layer(index=12).output.shape[1:] == (4 * 4 * 25,)
 
 
 def test_dropout_override_reaches_the_model():
@@ -72,3 +75,20 @@ def test_unknown_model_name_is_a_clear_error():
     cfg = compose(["model.name=transformer"])
     with pytest.raises(ValueError, match="transformer"):
         build_model(cfg.model)
+
+
+@pytest.mark.parametrize("lab", ["asl_mlp", "asl_cnn"])
+def test_scaling_in_the_model_gives_the_old_path_s_predictions(lab):
+    # Before: the pipeline fed x / 255 to a model without the scaling layer. Now: raw pixels
+    # to the model, whose first layer divides. Same weights -> the first layer sees the same
+    # float32 numbers, and the predictions are the same.
+    model = build(lab)
+    assert takes_raw_pixels(model) and model.layers[0].name == SCALE_LAYER
+    old = keras.Sequential([keras.Input((28, 28)), *model.layers[1:]])  # shares the weights
+    assert not takes_raw_pixels(old)
+    images = make_images(64, 24)[0]
+    scaled = images.astype(np.float32) / 255.0  # what make_dataset computed before
+    np.testing.assert_array_equal(np.asarray(model.layers[0](images.astype(np.float32))), scaled)
+    new_predictions = model.predict(images.astype(np.float32), verbose=0)
+    np.testing.assert_array_equal(new_predictions, old.predict(scaled, verbose=0))
+    np.testing.assert_array_equal(model.predict(images, verbose=0), new_predictions)  # uint8 too

@@ -172,7 +172,9 @@ def test_train_and_evaluate_record_lineage_cost_and_a_model_card(project, tiny_m
     assert json.loads(tags["hydra.overrides"]) == TINY
     assert tags["data.verified"] == "false"
     assert tags["model.parameters"] == str(784 * HIDDEN + HIDDEN + HIDDEN * 10 + 10)
-    assert tags["model.architecture"] == f"Flatten → Dense {HIDDEN} relu → Dense 10 softmax"
+    assert tags["model.architecture"] == (
+        f"Scale 1/255 → Flatten → Dense {HIDDEN} relu → Dense 10 softmax"
+    )
     inputs = {data["context"]: data for data in run_datasets(run)}
     assert inputs["training"]["md5"] == train_md5 and inputs["training"]["dvc_lock"] == "locked"
     assert inputs["training"]["stage"] == "preprocess@mnist"

@@ -179,7 +179,7 @@ def test_parallel_sweep_logs_complete_runs_to_the_server(stack, project, use_ser
     assert parent.info.status == "FINISHED" and len(children) == JOBS
     assert parent.data.metrics["children"] == JOBS
     versions = {v.run_id: v.version for v in client.search_model_versions("name='mnist_mlp'")}
-    images = np.random.default_rng(0).random((4, 28, 28), dtype=np.float32)
+    images = np.random.default_rng(0).random((4, 28, 28), dtype=np.float32) * 255  # raw pixels
     for run in children:
         assert run.info.status == "FINISHED"
         steps = [m.step for m in client.get_metric_history(run.info.run_id, "gap/accuracy")]
@@ -189,7 +189,7 @@ def test_parallel_sweep_logs_complete_runs_to_the_server(stack, project, use_ser
         assert {"config.yaml", "history.csv"} <= artifacts
         # The model: logged, registered (one version per job), loadable through the server.
         model = mlflow.pyfunc.load_model(f"models:/mnist_mlp/{versions[run.info.run_id]}")
-        assert np.asarray(model.predict(images)).shape == (4, 10)
+        assert model.predict(images).shape == (4, 12)  # class, probability, ten digits
     # Artifacts went through the server into its own store, not into the project.
     assert any((stack.folder / "artifacts").rglob("MLmodel"))
     assert not (project / "mlartifacts").exists() and not (project / "mlflow.db").exists()

@@ -182,7 +182,8 @@ def test_cancelled_and_requeued_jobs_never_lose_the_sweep(project):
     down = ["scontrol", "update", f"nodename={node}"]
     subprocess.run([*down, "state=down", "reason=dlilabs-test"], check=True)
     time.sleep(3)
-    subprocess.run([*down, "state=resume"], check=True)
+    subprocess.run([*down, "state=resume"])  # refused if slurmd already brought it back
+    wait_for(cluster_up, timeout=120, what="the node to be back")
     out, err = again.communicate(timeout=600)
     assert again.returncode == 0, out + err
     found = {run.info.run_id: run for run in runs(project)}

@@ -1,4 +1,4 @@
-"""Input pipeline: prepared `.npz` splits -> batched, scaled, one-hot `tf.data` datasets.
+"""Input pipeline: prepared `.npz` splits -> batched, one-hot `tf.data` datasets of raw pixels.
 
 The `augment` config group lives here too: Lab 4's ImageDataGenerator settings become Keras 3
 preprocessing layers mapped over batches inside the same pipeline, so one augmented epoch is
@@ -143,13 +143,14 @@ def make_dataset(
     threads: int | None = INPUT_THREADS,
     epochs: range | None = None,
 ) -> tf.data.Dataset:
-    """uint8 images (n, 28, 28) and int labels (n,) -> batches of (float32 (b, 28, 28) in [0, 1],
-    one-hot float32 (b, num_classes)), shuffled each epoch when `shuffle`, augmented when given.
+    """uint8 images (n, 28, 28) and int labels (n,) -> batches of (float32 (b, 28, 28) raw
+    pixels 0-255, one-hot float32 (b, num_classes)), shuffled each epoch when `shuffle`,
+    augmented when given. The models scale the pixels themselves (their first layer).
 
     Vectorised like Keras' own pipeline for numpy arrays: the arrays stay whole (uint8, a
     quarter of the course's float32), each epoch shuffles the indices (one permutation when
     `shuffle_buffer` covers the set, the same uniform shuffle as a full buffer; a windowed
-    index shuffle otherwise) and one parallel map per batch gathers, scales, one-hot encodes
+    index shuffle otherwise) and one parallel map per batch gathers, casts, one-hot encodes
     and augments. Shuffling the n examples through a tf.data buffer instead held up the start
     of every epoch (half a second on MNIST) until the buffer was full.
 
@@ -184,21 +185,25 @@ def make_dataset(
         batches = order.flat_map(functools.partial(split_batches, count, batch_size))
     arrays = tf.data.Dataset.from_tensors((images, labels)).repeat()
 
-    def gather_scale_encode(indices, arrays):
+    def gather_cast_encode(indices, arrays):
         batch_images, batch_labels = (tf.gather(array, indices) for array in arrays)
-        scaled = tf.cast(batch_images, tf.float32) / 255.0
+        # Raw pixels: the model's first layer scales them (dlilabs.core.models.scale_pixels).
+        pixels = tf.cast(batch_images, tf.float32)
         if augmenter is not None:
-            scaled = tf.squeeze(augmenter(scaled[..., tf.newaxis], training=True), axis=-1)
-        return scaled, tf.one_hot(batch_labels, num_classes)
+            # The image layers are linear in the pixel values (bilinear interpolation,
+            # "nearest" fill, flips), so augmenting 0-255 and then scaling is the maths of
+            # scaling first (test_data checks the two agree to float rounding).
+            pixels = tf.squeeze(augmenter(pixels[..., tf.newaxis], training=True), axis=-1)
+        return pixels, tf.one_hot(batch_labels, num_classes)
 
     zipped = tf.data.Dataset.zip(batches, arrays)
     if threads == 1:
         # One call at a time is a plain map: a parallel map of 1 would be the same batches, but
         # under op determinism (profile=demo) TensorFlow rewrites it into a plain map and
         # prints an E0000 line about an attribute the plain op lacks.
-        dataset = zipped.map(gather_scale_encode)
+        dataset = zipped.map(gather_cast_encode)
     else:
-        dataset = zipped.map(gather_scale_encode, num_parallel_calls=threads or tf.data.AUTOTUNE)
+        dataset = zipped.map(gather_cast_encode, num_parallel_calls=threads or tf.data.AUTOTUNE)
     # As Keras does for arrays: the static graph rewrites would serialise the whole arrays
     # into every new iterator, i.e. at the start of every epoch, for nothing to optimise.
     options = tf.data.Options()

@@ -13,14 +13,38 @@ from omegaconf import DictConfig
 from dlilabs.ground.errors import UserError
 from dlilabs.ground.io import reading
 
+# The first layer of every image model: raw pixels 0-255 in, [0, 1] out. Scaling is part of
+# the model so Keras, MLflow's pyfunc and `mlflow models serve` all take what users have
+# (CSV rows, image files).
+SCALE_LAYER = "scale_pixels"
+
+
+def scale_pixels() -> layers.Normalization:
+    """The layer that maps raw pixels 0-255 to [0, 1]: (x - 0) / sqrt(255**2), in float32.
+
+    Not Rescaling(1/255): x * (1/255) differs from x / 255 in the last bit for 126 of the
+    256 pixel values; this division gives exactly the float32 x / 255 the input pipeline
+    computed before scaling moved into the model. float32 even under mixed precision, as the
+    pipeline's output was (the next layer casts it to float16 as before)."""
+    return layers.Normalization(
+        axis=None, mean=0.0, variance=255.0**2, dtype="float32", name=SCALE_LAYER
+    )
+
+
+def takes_raw_pixels(model: keras.Model) -> bool:
+    """True for models that scale their own input (built here since raw-pixel serving);
+    False for older ones, saved before, which expect pixels already scaled to [0, 1]."""
+    return any(layer.name == SCALE_LAYER for layer in model.layers)
+
 
 def build_mlp(
     input_shape: tuple[int, ...], num_classes: int, hidden_units=(512, 512), activation="relu"
 ) -> keras.Model:
-    """Labs 1-2: images (batch, 28, 28) -> Flatten (784) -> Dense relu ... -> softmax
-    (batch, classes)."""
+    """Labs 1-2: raw pixels (batch, 28, 28) 0-255 -> /255 -> Flatten (784) -> Dense relu ...
+    -> softmax (batch, classes)."""
     model = keras.Sequential(name="mlp")
     model.add(keras.Input(shape=input_shape, name="image"))
+    model.add(scale_pixels())
     model.add(layers.Flatten())
     for units in hidden_units:
         model.add(layers.Dense(units, activation=activation))
@@ -44,10 +68,12 @@ def build_cnn(
     dense_units: int = 512,
     dropout: float = 0.3,
 ) -> keras.Model:
-    """Labs 3-4: images (batch, 28, 28) -> (28, 28, 1) -> [Conv2D relu -> (Dropout) -> BatchNorm
-    -> MaxPool] x 3 -> Flatten -> Dense relu -> Dropout -> softmax (batch, classes)."""
+    """Labs 3-4: raw pixels (batch, 28, 28) 0-255 -> /255 -> (28, 28, 1) -> [Conv2D relu ->
+    (Dropout) -> BatchNorm -> MaxPool] x 3 -> Flatten -> Dense relu -> Dropout -> softmax
+    (batch, classes)."""
     model = keras.Sequential(name="cnn")
     model.add(keras.Input(shape=input_shape, name="image"))
+    model.add(scale_pixels())
     model.add(layers.Reshape((*input_shape[:2], 1)))
     for block in conv_blocks:
         model.add(layers.Conv2D(block["filters"], kernel_size, padding="same", activation="relu"))

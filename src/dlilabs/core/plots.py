@@ -156,7 +156,8 @@ def augmented_batches(
     images: np.ndarray, labels: np.ndarray, num_classes: int, augment_cfg, seed: int, draws: int = 3
 ) -> list[np.ndarray]:
     """The real input pipeline (dlilabs.core.data) run `draws` times over `images` (n, 28, 28)
-    uint8: a list of `draws` float arrays (n, 28, 28) in [0, 1], as the model is fed them."""
+    uint8: a list of `draws` float arrays (n, 28, 28) in [0, 1], as the model's first layer
+    sees them (the pipeline feeds raw pixels; the model divides by 255)."""
     from dlilabs.core.data import build_augmenter, make_dataset
 
     dataset = make_dataset(
@@ -167,7 +168,7 @@ def augmented_batches(
         augmenter=build_augmenter(augment_cfg, seed),
     )
     # Each pass draws fresh random transforms, as each training epoch does.
-    return [next(iter(dataset))[0].numpy() for _ in range(draws)]
+    return [next(iter(dataset))[0].numpy() / 255.0 for _ in range(draws)]
 
 
 def train_inputs_grid(

@@ -21,6 +21,7 @@ from mlflow.exceptions import MlflowException
 from omegaconf import DictConfig, OmegaConf
 
 from dlilabs.tracking.lineage import run_datasets
+from dlilabs.tracking.serving import input_section, note_older_inputs, raw_input
 from dlilabs.tracking.store import retry_if_locked
 
 log = logging.getLogger("dlilabs.tracking")
@@ -90,6 +91,8 @@ def summary_line(name: str, version: str, run, published: dict | None) -> str:
     if published and published.get("range"):
         low, high = published["range"]
         parts.append(f"published {low}–{high}: {verdict(published, metrics, dataset)}")
+    if "dataset.class_names" in params:  # image labs: what a client sends
+        parts.append("input: raw pixels 0-255" if raw_input(run) else "input: scaled 0-1")
     return " · ".join(parts)
 
 
@@ -142,6 +145,7 @@ def card_markdown(
         f"- Architecture: {tags.get('model.architecture', params.get('model.name', '?'))}",
         f"- Parameters: {int(tags['model.parameters']):,}" if "model.parameters" in tags else "",
         "",
+        *input_section(name, version, run),
         "## Data",
         *data_section(run),
         "",
@@ -217,6 +221,7 @@ def write_card(client: MlflowClient, cfg: DictConfig, run_id: str, name: str, ve
         note = f"\n… (the whole card: runs:/{run_id}/{CARD})\n"
         description = description[: DESCRIPTION_CHARS - len(note)] + note
     retry_if_locked(client.update_model_version, name, str(version), description=description)
+    note_older_inputs(client, name, DESCRIPTION_CHARS)  # older cards: which input they take
     return text
 
 

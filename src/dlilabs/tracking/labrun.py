@@ -176,14 +176,23 @@ def _without_op_determinism() -> Iterator[None]:
             tf_config.enable_op_determinism()
 
 
-def log_keras_model(model: keras.Model, sample_inputs: np.ndarray, registered_name: str | None):
-    """Log `model` with MLflow's Keras 3 flavor, a signature inferred from `sample_inputs`
-    (e.g. float32 (5, 28, 28)) and its predictions, that input example, and register it under
-    `registered_name` if given. Returns MLflow's ModelInfo."""
+def log_keras_model(
+    model: keras.Model,
+    sample_inputs: np.ndarray,
+    registered_name: str | None,
+    class_names: list[str] | None = None,
+):
+    """Log `model` with `sample_inputs` (e.g. float32 (5, 28, 28) raw pixels) as its input
+    example, and register it under `registered_name` if given. Returns MLflow's ModelInfo.
+
+    Classifiers (`class_names` given) go as dlilabs.tracking.serving's PixelClassifier: raw
+    pixels, CSV rows or images in, class names out. Others (the line fit) with MLflow's Keras
+    3 flavor and a signature inferred from `sample_inputs` and their predictions."""
     import tensorflow as tf
     from mlflow.models import Model, infer_signature
 
-    signature = infer_signature(sample_inputs, np.asarray(model(sample_inputs, training=False)))
+    from dlilabs.tracking.serving import log_pixel_model
+
     # MLflow checks the input example with its own predict() calls, each of which would draw
     # a Keras progress bar in the stage's output: nothing a user needs.
     # (Non-interactive, Keras sends them to absl's logger instead: quiet that one meanwhile.)
@@ -195,18 +204,30 @@ def log_keras_model(model: keras.Model, sample_inputs: np.ndarray, registered_na
     try:
         # MLflow's checks predict on numpy arrays; under op determinism (profile=demo) each
         # Keras predict() makes TensorFlow print an E0000 line about a rewritten map op.
+        requirements = [f"tensorflow=={tf.__version__}", f"keras=={keras.__version__}"]
         with _without_op_determinism():
+            if class_names is not None:
+                return log_pixel_model(
+                    model,
+                    class_names,
+                    registered_name,
+                    input_example=sample_inputs,
+                    # The wrapper's code is dlilabs': serve from its environment
+                    # (`mlflow models serve --env-manager local`, README "Serving").
+                    pip_requirements=requirements,
+                )
+            outputs = np.asarray(model(sample_inputs, training=False))
             return Model.log(
                 artifact_path=None,
                 name="model",
                 flavor=_KERAS_FLAVOR,
                 model=model,
-                signature=signature,
+                signature=infer_signature(sample_inputs, outputs),
                 input_example=sample_inputs,
                 registered_model_name=registered_name,
                 # Listing them skips MLflow's requirement inference, which reloads the model
                 # in a subprocess (another TensorFlow import) for a list we already know.
-                pip_requirements=[f"tensorflow=={tf.__version__}", f"keras=={keras.__version__}"],
+                pip_requirements=requirements,
             )
     finally:
         absl_logger.setLevel(absl_level)
@@ -328,8 +349,13 @@ def finish_run(
     from dlilabs.tracking.sweep import job_output_dir
 
     registered = cfg.tracking.model_name if cfg.tracking.register_models else None
+    classes = cfg.dataset.get("class_names")  # image labs: served with their class names
     with whole_model_or_none():  # a full disk leaves no half-copied model in the store
-        model_info = log_keras_model(model, sample, registered)
+        model_info = log_keras_model(model, sample, registered, classes and list(map(str, classes)))
+    if classes:  # the model card says which input this version takes
+        from dlilabs.tracking.serving import INPUT_DESCRIPTION, INPUT_TAG
+
+        mlflow.set_tag(INPUT_TAG, INPUT_DESCRIPTION)
     version = getattr(model_info, "registered_model_version", None)
     if version:  # every registered version gets its model card
         write_card(mlflow.MlflowClient(), cfg, run.info.run_id, registered, version)

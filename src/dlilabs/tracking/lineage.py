@@ -184,9 +184,15 @@ def changed_files(root: Path) -> list[str]:
 
 
 def architecture(model) -> str:
-    """A Keras model's layers in one line: "Flatten → Dense 512 relu → Dense 10 softmax"."""
+    """A Keras model's layers in one line: "Scale 1/255 → Flatten → Dense 512 relu → Dense 10
+    softmax" (Scale 1/255: the layer that takes raw pixels, dlilabs.core.models.scale_pixels)."""
+    from dlilabs.core.models import SCALE_LAYER
+
     parts = []
     for layer in model.layers:
+        if layer.name == SCALE_LAYER:
+            parts.append("Scale 1/255")
+            continue
         config, kind = layer.get_config(), type(layer).__name__
         detail = [
             str(config[key]) for key in ("units", "filters", "rate") if config.get(key) is not None

@@ -84,7 +84,7 @@ def load_keras_model(model_uri: str, uri: str):
         )
     mlflow.set_tracking_uri(uri)
     try:
-        model = mlflow.keras.load_model(model_uri)
+        model = _load_keras(model_uri)
         info = mlflow.models.get_model_info(model_uri)
     except MlflowException as error:
         raise UserError(f"cannot load {model_uri} from {uri}: {error.message}") from None
@@ -94,6 +94,16 @@ def load_keras_model(model_uri: str, uri: str):
 
 def load_model_folder(path: Path):
     """The Keras model in an MLflow model folder (one holding `MLmodel`)."""
+    return _load_keras(str(path))
+
+
+def _load_keras(model_uri: str):
+    """The Keras model of an MLflow model: the Keras flavor of versions logged before
+    raw-pixel serving (they take scaled input), the artifact inside a PixelClassifier after."""
     import mlflow
 
-    return mlflow.keras.load_model(str(path))
+    from dlilabs.tracking.serving import is_pixel_model, load_pixel_model
+
+    if is_pixel_model(model_uri):
+        return load_pixel_model(model_uri)[0]
+    return mlflow.keras.load_model(model_uri)
