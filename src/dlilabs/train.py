@@ -159,7 +159,8 @@ def fit_lab(cfg, experiment_id, device, splits, split_tags, plan, previous_run) 
 
 def run(cfg: DictConfig) -> dict:
     """Dispatch on the dataset's task: image classification labs, or the line-fit warm-up."""
-    done = tracking.finished_in_sweep(cfg)  # a resumed sweep: this combination FINISHED
+    # A resumed sweep whose combination FINISHED, or a run stopped after it FINISHED.
+    done = tracking.finished_in_sweep(cfg) or tracking.finished_before_stop(cfg)
     if done is not None:
         return done
     if cfg.dataset.task == "regression":

@@ -124,9 +124,10 @@ def wait_for(condition, timeout=300, what="a condition"):
 
 def test_cancelled_and_requeued_jobs_never_lose_the_sweep(project):
     write_prepared(project / "data" / "prepared" / "mnist", 6000, 200, 10)
-    command = ["trainer.epochs=12", "model.hidden_units=[128],[256]"]
+    command = ["trainer.epochs=40", "model.hidden_units=[128],[256]"]
     process = sweep(project, *command)
-    runs(project)  # point mlflow at the store
+    # Only the store's address: the sweep creates the store (under its lock) before any job.
+    mlflow.set_tracking_uri(f"sqlite:///{project / 'mlflow.db'}")
 
     # Both jobs run (2 cores, 1 CPU each); wait until each has checkpointed 2 epochs.
     def two_epochs_each():
@@ -161,11 +162,11 @@ def test_cancelled_and_requeued_jobs_never_lose_the_sweep(project):
     assert "CANCELLED" in found[cancelled].data.tags["slurm.end_cause"]
     # The requeued job came back and continued its own run: one run, every epoch once.
     survivor = found[requeued]
-    assert survivor.info.status == "FINISHED"
+    assert survivor.info.status == "FINISHED", err
     assert survivor.data.tags["slurm.restart_count"] == "1"
     assert survivor.data.tags["resume.count"] == "1"
     steps = mlflow.MlflowClient().get_metric_history(requeued, "val/accuracy")
-    assert sorted(metric.step for metric in steps) == list(range(1, 13))
+    assert sorted(metric.step for metric in steps) == list(range(1, 41))
     assert len(found) == 3  # parent + one child per combination
 
     # Re-running the sweep trains only the lost combination, continuing its own run; its node
@@ -193,7 +194,7 @@ def test_cancelled_and_requeued_jobs_never_lose_the_sweep(project):
     assert found[cancelled].data.tags["resume.count"] == "2"  # the re-run, the node's return
     assert found[cancelled].data.tags["slurm.restart_count"] == "1"
     steps = mlflow.MlflowClient().get_metric_history(cancelled, "val/accuracy")
-    assert sorted(metric.step for metric in steps) == list(range(1, 13))
+    assert sorted(metric.step for metric in steps) == list(range(1, 41))
     assert not list((project / "checkpoints").glob("*/state.json"))  # removed once finished
 
 

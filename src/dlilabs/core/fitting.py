@@ -196,6 +196,7 @@ def resume_from(plan: Plan, trained: keras.Model, history: EpochHistory, best) -
     if resumed is None:
         return
     checkpoint.restore(resumed, trained, plan.augmenter)
+    best.set_model(trained)  # restored after fit even when no epoch is left to train
     history.rows.extend(resumed.rows)
     best.best_value, best.best_epoch = resumed.best_value, resumed.best_epoch
     best.best_weights = checkpoint.best_weights(resumed)

@@ -63,6 +63,7 @@ _EXPORTS = {
     "resume_tags": "restart",
     "log_missing_epochs": "restart",
     "run_tag": "restart",
+    "finished_before_stop": "restart",
     "record_failed_start": "slurm",
 }
 __all__ = sorted(_EXPORTS)

@@ -54,6 +54,35 @@ def checkpoint_folder(cfg: DictConfig) -> Path:
     return Path(cfg.paths.checkpoint_dir) / f"{cfg.lab}-{config_digest(cfg)}"
 
 
+def finished_before_stop(cfg: DictConfig) -> dict | None:
+    """The results of this config's run when its checkpoint outlived it: the run FINISHED and
+    the stop came before the checkpoint was removed (a requeue in the job's last second).
+    The job then has nothing to do: the checkpoint goes, the results are the run's. Else None."""
+    if not cfg.trainer.get("checkpoint", False):
+        return None
+    folder = checkpoint_folder(cfg)
+    resumed = checkpoint.load(folder)
+    run_id = resumed.extra.get("run_id") if resumed else None
+    if not run_id:
+        return None
+    import mlflow
+
+    from dlilabs.tracking.store import connect
+
+    connect(cfg.tracking)
+    try:
+        run = mlflow.MlflowClient().get_run(run_id)
+    except mlflow.exceptions.MlflowException:
+        return None
+    if run.info.status != "FINISHED":
+        return None
+    checkpoint.remove(folder)
+    log.info(
+        "%s: run %s had FINISHED before it was stopped; nothing left to train", cfg.lab, run_id
+    )
+    return {"lab": cfg.lab, "run_id": run_id, "skipped": True, **run.data.metrics}
+
+
 def _resumable_run(run_id: str | None) -> str | None:
     """`run_id` if that MLflow run exists and has not finished (it is the one to continue)."""
     if not run_id:

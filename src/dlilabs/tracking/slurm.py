@@ -240,7 +240,7 @@ def launch(launcher, job_overrides, initial_job_idx: int) -> list:
     wait for all of them, and raise a UserError naming the lost ones (see module doc)."""
     import submitit
     from hydra.core.singleton import Singleton
-    from hydra.core.utils import filter_overrides
+    from hydra.core.utils import JobStatus, filter_overrides
     from hydra_plugins.hydra_submitit_launcher.config import BaseQueueConf
     from omegaconf import OmegaConf
 
@@ -272,6 +272,11 @@ def launch(launcher, job_overrides, initial_job_idx: int) -> list:
             "SLURM job %s: %s", job.job_id, " ".join(filter_overrides(overrides)) or "(defaults)"
         )
     results, lost = wait_for_all(jobs)
+    for index, result in list(results.items()):
+        if result.status == JobStatus.FAILED:  # the task raised (Hydra kept the error)
+            error = result._return_value
+            lost[index] = f"failed: {type(error).__name__}: {str(error)[:300]} (FAILED)"
+            del results[index]
     if not lost:
         return [results[i] for i in range(len(jobs))]
     lines = []
