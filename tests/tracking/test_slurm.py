@@ -123,25 +123,27 @@ def wait_for(condition, timeout=300, what="a condition"):
 
 
 def test_cancelled_and_requeued_jobs_never_lose_the_sweep(project):
-    write_prepared(project / "data" / "prepared" / "mnist", 6000, 200, 10)
-    command = ["trainer.epochs=40", "model.hidden_units=[128],[256]"]
+    write_prepared(project / "data" / "prepared" / "mnist", 8000, 200, 10)
+    command = ["trainer.epochs=30", "model.hidden_units=[128],[256]"]
     process = sweep(project, *command)
     # Only the store's address: the sweep creates the store (under its lock) before any job.
     mlflow.set_tracking_uri(f"sqlite:///{project / 'mlflow.db'}")
 
-    # Both jobs run (2 cores, 1 CPU each); wait until each has checkpointed 2 epochs.
-    def two_epochs_each():
-        states = checkpoints(project)
-        return (
-            states if len(states) == 2 and all(s["epoch"] >= 2 for s in states.values()) else None
-        )
+    # Both jobs run at once (2 cores, 1 CPU each). Each is stopped once it has checkpointed
+    # two epochs: one cancelled, the other preempted.
+    def at_epoch_two(units: str):
+        def found():
+            for run_id, state in checkpoints(project).items():
+                params = mlflow.get_run(run_id).data.params
+                if params["model.hidden_units"] == units and state["epoch"] >= 2:
+                    return run_id
+            return None
 
-    states = wait_for(two_epochs_each, what="both jobs to checkpoint epoch 2")
-    by_units = {
-        mlflow.get_run(run_id).data.params["model.hidden_units"]: run_id for run_id in states
-    }
-    cancelled, requeued = by_units["[128]"], by_units["[256]"]
+        return wait_for(found, what=f"the {units} job's epoch 2")
+
+    cancelled = at_epoch_two("[128]")
     subprocess.run(["scancel", job_of(cancelled)], check=True)
+    requeued = at_epoch_two("[256]")
     # Submitit's preemption signal: the job saves its submission and requeues itself
     # (`scontrol requeue`), as SLURM's preemption or time-limit warning would make it do.
     subprocess.run(["scancel", "--signal=USR2", job_of(requeued)], check=True)
@@ -166,7 +168,7 @@ def test_cancelled_and_requeued_jobs_never_lose_the_sweep(project):
     assert survivor.data.tags["slurm.restart_count"] == "1"
     assert survivor.data.tags["resume.count"] == "1"
     steps = mlflow.MlflowClient().get_metric_history(requeued, "val/accuracy")
-    assert sorted(metric.step for metric in steps) == list(range(1, 41))
+    assert sorted(metric.step for metric in steps) == list(range(1, 31))
     assert len(found) == 3  # parent + one child per combination
 
     # Re-running the sweep trains only the lost combination, continuing its own run; its node
@@ -194,7 +196,7 @@ def test_cancelled_and_requeued_jobs_never_lose_the_sweep(project):
     assert found[cancelled].data.tags["resume.count"] == "2"  # the re-run, the node's return
     assert found[cancelled].data.tags["slurm.restart_count"] == "1"
     steps = mlflow.MlflowClient().get_metric_history(cancelled, "val/accuracy")
-    assert sorted(metric.step for metric in steps) == list(range(1, 41))
+    assert sorted(metric.step for metric in steps) == list(range(1, 31))
     assert not list((project / "checkpoints").glob("*/state.json"))  # removed once finished
 
 
