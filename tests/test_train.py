@@ -93,6 +93,10 @@ def test_logged_model_is_registered_and_predicts_probabilities(project, tiny_mni
     assert signature is not None
     assert list(signature.inputs.to_dict()[0]["tensor-spec"]["shape"]) == [-1, 28, 28]
     assert model.metadata.saved_input_example_info is not None
+    # The requirements `mlflow models serve` installs: listed, not inferred, and pinned.
+    requirements = mlflow.artifacts.load_text(f"{summary['model_uri']}/requirements.txt")
+    pinned = {line.split("==")[0] for line in requirements.split() if "==" in line}
+    assert {"mlflow", "tensorflow", "keras"} <= pinned
 
 
 def test_saved_model_holds_the_best_epoch_weights(project, tiny_mnist):

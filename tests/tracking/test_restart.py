@@ -12,8 +12,8 @@ import time
 
 import mlflow
 import pytest
-from conftest import stage_env, write_prepared
 
+from conftest import stage_env, write_prepared
 from dlilabs.ground.config import compose
 from dlilabs.tracking.restart import checkpoint_folder, config_digest
 
