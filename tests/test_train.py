@@ -8,6 +8,7 @@ import sqlite3
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import mlflow
 import numpy as np
@@ -94,7 +95,7 @@ def test_logged_model_is_registered_and_predicts_probabilities(project, tiny_mni
     assert list(signature.inputs.to_dict()[0]["tensor-spec"]["shape"]) == [-1, 28, 28]
     assert model.metadata.saved_input_example_info is not None
     # The requirements `mlflow models serve` installs: listed, not inferred, and pinned.
-    requirements = mlflow.artifacts.load_text(f"{summary['model_uri']}/requirements.txt")
+    requirements = Path(mlflow.pyfunc.get_model_dependencies(summary["model_uri"])).read_text()
     pinned = {line.split("==")[0] for line in requirements.split() if "==" in line}
     assert {"mlflow", "tensorflow", "keras"} <= pinned
 
