@@ -1,7 +1,8 @@
 """`make bench`: speed and memory of the pipeline's hot spots, measured side by side.
 
     python scripts/bench.py               # every section
-    python scripts/bench.py preprocess    # one section (preprocess, train, search)
+    python scripts/bench.py preprocess    # one section (preprocess, train, search, overhead,
+                                          # demo)
 
 Each section is a function returning `Row`s; a row prints as
 `label: 1.23 s (target <= 3 s, ratio 0.41) | peak RSS 612 MB (target <= 1024 MB, ratio 0.60)`.
@@ -447,12 +448,32 @@ def bench_search() -> list[Row]:
     return rows()
 
 
+# ---------------------------------------------------------------- overhead
+
+
+def bench_overhead() -> list[Row]:
+    """Stages' fixed costs beside plain Keras, and sweeps' per-child cost
+    (scripts/bench_overhead.py)."""
+    from bench_overhead import rows
+
+    return rows()
+
+
+def bench_demo() -> list[Row]:
+    """`make demo` end to end (scripts/bench_overhead.py)."""
+    from bench_overhead import demo_rows
+
+    return demo_rows()
+
+
 # ---------------------------------------------------------------- runner
 
 SECTIONS: dict[str, Callable[[], list[Row]]] = {
     "preprocess": bench_preprocess,
     "train": bench_train,
     "search": bench_search,
+    "overhead": bench_overhead,
+    "demo": bench_demo,
 }
 
 

@@ -8,6 +8,7 @@ import sqlite3
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import mlflow
 import numpy as np
@@ -95,6 +96,10 @@ def test_logged_model_is_registered_and_predicts_probabilities(project, tiny_mni
     assert signature is not None
     assert list(signature.inputs.to_dict()[0]["tensor-spec"]["shape"]) == [-1, 28, 28]
     assert model.metadata.saved_input_example_info is not None
+    # The requirements `mlflow models serve` installs: listed, not inferred, and pinned.
+    requirements = Path(mlflow.pyfunc.get_model_dependencies(summary["model_uri"])).read_text()
+    pinned = {line.split("==")[0] for line in requirements.split() if "==" in line}
+    assert {"mlflow", "tensorflow", "keras"} <= pinned
 
 
 def test_saved_model_holds_the_best_epoch_weights(project, tiny_mnist):

@@ -75,6 +75,28 @@ def check_fits(model: keras.Model, images: np.ndarray, num_classes: int, where: 
         )
 
 
+def scorer(model: keras.Model, loss: str = "categorical_crossentropy"):
+    """A compiled step for `model`: (float images (b, ...), one-hot labels (b, classes)) ->
+    (the batch's summed `loss`, float64, predicted class indices (b,)). One trace serves
+    every batch of every split (the batch dimension is left open)."""
+    import keras
+    import tensorflow as tf
+
+    loss_function = keras.losses.get(loss)
+    if isinstance(loss_function, keras.losses.Loss):  # "CategoricalCrossentropy": per image
+        loss_function = loss_function.call
+
+    @tf.function(reduce_retracing=True)
+    def step(images, targets):
+        # Called inside one graph, the softmax's output keeps its logits (Keras' TensorFlow
+        # backend tags it), so the loss is computed from them, as in fit and evaluate.
+        probabilities = model(images, training=False)
+        losses = tf.cast(loss_function(targets, probabilities), tf.float64)
+        return tf.reduce_sum(losses), tf.argmax(probabilities, axis=-1)
+
+    return step
+
+
 def score(
     model: keras.Model,
     images: np.ndarray,
@@ -82,20 +104,25 @@ def score(
     num_classes: int,
     batch_size: int = 32,
     loss: str = "categorical_crossentropy",
+    step=None,
 ) -> tuple[float, float, np.ndarray]:
     """uint8 images (n, 28, 28), int labels (n,) -> (mean `loss`, accuracy, predicted class
-    indices (n,)).
+    indices (n,)), in one pass over the input pipeline's batches (`step`: a `scorer` to
+    reuse across splits; made here if None).
 
-    The loss is Keras' own, as fit reports `val_loss`: model.evaluate on the input pipeline's
-    batches, where Keras computes cross-entropy from the softmax's logits. (From predicted
-    probabilities it would be clipped at 1e-7, understating confident mistakes.)"""
+    The loss is Keras' own, as fit reports `val_loss`: cross-entropy computed from the
+    softmax's logits, the mean over images. (From predicted probabilities it would be clipped
+    at 1e-7, understating confident mistakes.)"""
     from dlilabs.core.data import make_dataset
 
-    batches = make_dataset(images, labels, num_classes, batch_size)
-    model.compile(loss=loss)  # only the loss is needed; the saved optimizer state is not
-    mean_loss = float(model.evaluate(batches, verbose=0, return_dict=True)["loss"])
-    predictions = model.predict(batches, verbose=0).argmax(axis=1)
-    return mean_loss, float(np.mean(predictions == labels)), predictions
+    step = step or scorer(model, loss)
+    total, predicted = 0.0, []
+    for batch_images, batch_targets in make_dataset(images, labels, num_classes, batch_size):
+        batch_loss, batch_classes = step(batch_images, batch_targets)
+        total += float(batch_loss)
+        predicted.append(batch_classes.numpy())
+    predictions = np.concatenate(predicted) if predicted else np.zeros(0, np.int64)
+    return total / max(len(labels), 1), float(np.mean(predictions == labels)), predictions
 
 
 def class_report(
@@ -128,7 +155,11 @@ def evaluate_lab(cfg: DictConfig) -> dict:
         where = f"{cfg.paths.model_dir}/model.keras on {prepared}"
         check_fits(model, x_val, num_classes, where)
         check_fits(model, x_train, num_classes, where)
-        scoring = {"batch_size": cfg.trainer.batch_size, "loss": cfg.trainer.loss}
+        # One compiled step for both splits, each split one pass; a call takes as many images
+        # as a training call (batch_size x steps_per_execution): in inference mode images do
+        # not affect each other, so bigger batches give the same numbers, with less Python.
+        per_call = cfg.trainer.batch_size * cfg.trainer.steps_per_execution
+        scoring = {"batch_size": per_call, "step": scorer(model, cfg.trainer.loss)}
         train_loss, train_accuracy, _ = score(model, x_train, y_train, num_classes, **scoring)
         val_loss, val_accuracy, predictions = score(model, x_val, y_val, num_classes, **scoring)
         matrix, per_class = class_report(y_val, predictions, class_names)
