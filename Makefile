@@ -7,7 +7,7 @@ BIN    := $(VENV)/bin
 export PATH := $(abspath $(BIN)):$(PATH)
 
 .DEFAULT_GOAL := help
-.PHONY: help install dev test test-fast lint format demo repro bench ui server compare reproduce clean
+.PHONY: help install dev team test test-fast lint format demo repro bench ui server compare reproduce clean
 
 help: ## List the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -55,8 +55,16 @@ ui: install ## MLflow UI over the project's store on http://127.0.0.1:5000 (PORT
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db \
 		--default-artifact-root $(CURDIR)/mlartifacts --host 127.0.0.1 --port $(or $(PORT),5000)
 
-server: install ## Team tracking server: PostgreSQL + MLflow on http://127.0.0.1:5001 (PORT=5001, AUTH=1: login)
-	$(PY) -m dlilabs.server --port $(or $(PORT),5001) --data-dir $(CURDIR)/build/server $(if $(AUTH),--auth)
+$(VENV)/.installed-team: pyproject.toml $(VENV)/.installed
+	$(PY) -m pip install --quiet -e '.[team]'
+	touch $@
+
+team: $(VENV)/.installed-team ## Install the S3 pieces of a team setup (dvc-s3, boto3; pinned)
+
+# ARTIFACTS=s3://bucket/prefix: the server keeps artifacts in that bucket (endpoint from
+# MLFLOW_S3_ENDPOINT_URL, credentials from AWS_* or ~/.aws; clients need neither).
+server: $(if $(ARTIFACTS),team,install) ## Team tracking server: PostgreSQL + MLflow on http://127.0.0.1:5001 (PORT=5001, AUTH=1: login, ARTIFACTS=s3://bucket/prefix)
+	$(PY) -m dlilabs.server --port $(or $(PORT),5001) --data-dir $(CURDIR)/build/server $(if $(AUTH),--auth) $(if $(ARTIFACTS),--artifacts $(ARTIFACTS))
 
 compare: install ## Labs side by side: build/reports/comparison.{png,md} (ARGS="--experiment dlilabs-demo")
 	$(PY) -m dlilabs.compare $(ARGS)

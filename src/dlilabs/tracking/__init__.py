@@ -16,6 +16,7 @@
     trial       a search job's side: its reopened trial, pruning, its objective
     teamserver  the team server: `mlflow server` (optionally with its login) over...
     postgres    ...a password-protected PostgreSQL cluster in the same folder
+    buckets     S3 buckets of the artifact store and the DVC remote: one line when unusable
 
 The names below are what the stages use. They load lazily, on first use, so that a stage
 which never logs (download, preprocess) does not pay for importing MLflow and Keras.
@@ -56,6 +57,8 @@ _EXPORTS = {
     "find_stale": "reconcile",
     "end_stale": "reconcile",
     "running_runs": "reconcile",
+    "dvc_bucket": "buckets",
+    "bucket_problem": "buckets",
 }
 __all__ = sorted(_EXPORTS)
 

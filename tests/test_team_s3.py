@@ -1,0 +1,157 @@
+"""A team's two stores on S3 (moto's S3 server, started here): DVC's remote for data and
+models, the tracking server's artifact store for what MLflow logs. Two clones in different
+folders, each with its own DVC cache, play a workstation and a colleague (or a cluster node);
+only the tracking server holds the artifact bucket's credentials."""
+
+from __future__ import annotations
+
+import filecmp
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from mlflow import MlflowClient
+from PIL import Image
+
+from conftest import REPO, make_images
+from dlilabs.demo import make_workspace
+from s3env import KEY_ID, SECRET, client_env, run, start_moto, start_team, stop_team
+
+GIT = ["git", "-c", "user.name=test", "-c", "user.email=test@example.org"]
+DVC = [sys.executable, "-m", "dvc"]
+REMOTE = "s3://dvc/dlilabs"
+ARTIFACTS = "s3://mlflow/artifacts"
+LAB = "mnist_mlp"
+
+
+@pytest.fixture(scope="module")
+def moto(tmp_path_factory):
+    server = start_moto("dvc", "mlflow", log=tmp_path_factory.mktemp("moto") / "moto.log")
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def team(moto):
+    server = start_team(moto, ARTIFACTS)
+    yield server
+    stop_team(server)
+
+
+def set_credentials(clone: Path, env: dict) -> None:
+    """DVC's credentials for the remote, in .dvc/config.local (git ignores it), set as the
+    README says. (A test may pass them as arguments; a user's shell would read them from a
+    file or a variable: `dvc remote modify --local team secret_access_key "$SECRET"`.)"""
+    run(clone, env, *DVC, "remote", "modify", "--local", "team", "access_key_id", KEY_ID)
+    run(clone, env, *DVC, "remote", "modify", "--local", "team", "secret_access_key", SECRET)
+
+
+def make_origin(folder: Path, moto, env: dict) -> tuple[Path, Path]:
+    """A bare git repo `origin.git` and clone 1 of it: the demo pipeline with one small lab
+    (32 hidden units, one epoch, logging to the tracking server), its DVC remote in moto."""
+    origin, clone = folder / "origin.git", folder / "clone1"
+    subprocess.run(["git", "init", "-q", "--bare", str(origin)], check=True)
+    make_workspace(REPO, clone, epochs=1, git=True, story=False)
+    params = yaml.safe_load((clone / "params.yaml").read_text())
+    lab = params["labs"][LAB]
+    lab["overrides"] += " model.hidden_units=[32] tracking=server"
+    (clone / "params.yaml").write_text(yaml.safe_dump({**params, "labs": {LAB: lab}}))
+    run(clone, env, *DVC, "remote", "add", "-d", "team", REMOTE)
+    run(clone, env, *DVC, "remote", "modify", "team", "endpointurl", moto.endpoint)
+    set_credentials(clone, env)
+    run(clone, env, "git", "add", "-A")
+    run(clone, env, *GIT, "commit", "-qm", "code and the team's DVC remote")
+    run(clone, env, "git", "remote", "add", "origin", str(origin))
+    run(clone, env, "git", "push", "-q", "origin", "HEAD:main")
+    return origin, clone
+
+
+def outputs(clone: Path) -> dict[str, Path]:
+    """Every file DVC tracks in `clone` (prepared splits, model, run.json, ...), by path."""
+    folders = [clone / "data", clone / "models"]
+    return {
+        str(path.relative_to(clone)): path
+        for folder in folders
+        for path in sorted(folder.rglob("*"))
+        if path.is_file()
+    }
+
+
+def write_png(path: Path) -> Path:
+    images, _ = make_images(1, 10, seed=5)
+    Image.fromarray(images[0]).save(path)
+    return path
+
+
+@pytest.mark.slow
+def test_two_clones_share_data_models_and_experiments_through_s3(tmp_path, moto, team):
+    env1 = client_env(tmp_path / "clone1", team.uri)
+    origin, clone1 = make_origin(tmp_path, moto, env1)
+
+    # Clone 1, the workstation: train, push the data and model to the remote, commit the lock.
+    run(clone1, env1, *DVC, "repro", f"train@{LAB}")
+    run(clone1, env1, *DVC, "push")
+    run(clone1, env1, "git", "add", "dvc.lock")
+    run(clone1, env1, *GIT, "commit", "-qm", "trained")
+    run(clone1, env1, "git", "push", "-q", "origin", "HEAD:main")
+    summary = json.loads((clone1 / f"models/{LAB}/run.json").read_text())
+    before_exp = (clone1 / f"models/{LAB}/model.keras").read_bytes()
+    assert len(moto.keys("dvc", "dlilabs/files/md5/")) >= 4  # splits, model, run.json, ...
+    # The model the run logged went through the server into the artifact bucket.
+    assert any(key.endswith("MLmodel") for key in moto.keys("mlflow", "artifacts/"))
+
+    # Clone 2, a colleague: its own folder and DVC cache, its own credentials file.
+    clone2 = tmp_path / "clone2"
+    subprocess.run(["git", "clone", "-q", "-b", "main", str(origin), str(clone2)], check=True)
+    env2 = client_env(clone2, team.uri)
+    set_credentials(clone2, env2)
+    assert not (clone2 / ".dvc" / "cache").exists()
+
+    # Reproduce the run from its id: the splits come from the remote (the cache is empty).
+    reproduced = run(
+        clone2, env2, sys.executable, "-m", "dlilabs.reproduce", summary["run_id"], "--worktree",
+        check=False,
+    )  # fmt: skip
+    assert reproduced.returncode == 0, reproduced.stdout + reproduced.stderr
+    assert "metrics exactly equal" in reproduced.stdout
+
+    run(clone2, env2, *DVC, "pull")
+    mine, theirs = outputs(clone1), outputs(clone2)
+    assert f"models/{LAB}/model.keras" in mine and "data/prepared/mnist/train.npz" in mine
+    assert set(mine) == set(theirs)
+    for name, path in mine.items():
+        assert filecmp.cmp(path, theirs[name], shallow=False), name
+    status = run(clone2, env2, *DVC, "status")
+    assert "Data and pipelines are up to date." in status.stdout, status.stdout
+
+    # The registered model, through the server: clone 2 has no S3 credentials at all.
+    image = write_png(tmp_path / "digit.png")
+    model_uri = f"models:/{summary['registered_model']}/{summary['registered_version']}"
+    by_server = run(clone2, env2, sys.executable, "-m", "dlilabs.predict", model_uri, str(image))
+    local = f"models/{LAB}/model.keras"
+    by_file = run(clone2, env2, sys.executable, "-m", "dlilabs.predict", local, str(image))
+    assert by_server.stdout.splitlines()[-3:] == by_file.stdout.splitlines()[-3:]
+    everything = subprocess.run(["ps", "-eww", "-o", "args"], capture_output=True, text=True)
+    assert f"--artifacts-destination {ARTIFACTS}" in everything.stdout
+    assert SECRET not in everything.stdout
+    tracked = run(clone1, env1, "git", "log", "-p", "--all").stdout
+    assert SECRET not in tracked and KEY_ID not in tracked
+    assert SECRET in (clone2 / ".dvc" / "config.local").read_text()
+
+    # A DVC experiment travels the same way: its commit through git, its outputs through S3.
+    overrides = f"labs.{LAB}.overrides=model.hidden_units=[32] tracking=server trainer.seed=1"
+    run(clone1, env1, *DVC, "exp", "run", "-n", "seed1", "-S", overrides, f"train@{LAB}")
+    run(clone1, env1, *DVC, "exp", "push", "origin", "seed1")
+    run(clone2, env2, *DVC, "exp", "pull", "origin", "seed1")
+    shown = run(clone2, env2, *DVC, "exp", "show", "--json").stdout
+    assert "seed1" in shown
+    run(clone2, env2, *DVC, "exp", "apply", "seed1")
+    model1, model2 = clone1 / local, clone2 / local
+    assert filecmp.cmp(model1, model2, shallow=False)
+    assert model2.read_bytes() != before_exp  # another seed, another model
+    seed_run = json.loads((clone2 / f"models/{LAB}/run.json").read_text())["run_id"]
+    assert seed_run != summary["run_id"]
+    assert MlflowClient(team.uri).get_run(seed_run).data.params["trainer.seed"] == "1"
