@@ -4,6 +4,7 @@ bucket's credentials)."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -12,7 +13,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from dlilabs.tracking import teamserver
@@ -46,19 +47,27 @@ class Moto:
 
     port: int
     process: subprocess.Popen
+    users: dict[str, tuple[str, str]] = field(default_factory=dict)  # with auth: IAM keys
 
     @property
     def endpoint(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def client(self):
+    @property
+    def credentials(self) -> dict[str, str]:
+        """AWS_* variables of a user allowed everything (with auth: `admin`)."""
+        key_id, secret = self.users.get("admin", (KEY_ID, SECRET))
+        return {"AWS_ACCESS_KEY_ID": key_id, "AWS_SECRET_ACCESS_KEY": secret}
+
+    def client(self, user: str = "admin"):
         import boto3
 
+        key_id, secret = self.users.get(user, (KEY_ID, SECRET))
         return boto3.client(
             "s3",
             endpoint_url=self.endpoint,
-            aws_access_key_id=KEY_ID,
-            aws_secret_access_key=SECRET,
+            aws_access_key_id=key_id,
+            aws_secret_access_key=secret,
             region_name="us-east-1",
         )
 
@@ -75,27 +84,61 @@ class Moto:
     def stop(self) -> None:
         self.process.terminate()
         try:
-            self.process.wait(20)
+            self.process.wait(5)
         except subprocess.TimeoutExpired:
             self.process.kill()
             self.process.wait(20)
 
 
-def start_moto(*buckets: str, log: Path | None = None) -> Moto:
-    """Start moto's S3 server and create `buckets` in it."""
+def start_moto(*buckets: str, log: Path | None = None, auth: bool = False) -> Moto:
+    """Start moto's S3 server and create `buckets` in it. With `auth`, moto checks every
+    request's credentials and IAM policy, as AWS does: the first requests (unchecked) make
+    the users `admin` and `server` with keys, both allowed everything; `moto.users` holds
+    their (key id, secret)."""
     port = teamserver.free_port()
     command = [str(Path(sys.executable).parent / "moto_server"), "-H", "127.0.0.1", "-p", str(port)]
+    env = {**os.environ, "INITIAL_NO_AUTH_ACTION_COUNT": "6" if auth else "inf"}
     with open(log or os.devnull, "ab") as out:
-        process = subprocess.Popen(command, stdout=out, stderr=out, start_new_session=True)
+        process = subprocess.Popen(command, stdout=out, stderr=out, start_new_session=True, env=env)
     moto = Moto(port, process)
     try:
         wait_for_port(port, process)
+        if auth:
+            moto.users = {name: make_user(moto, name) for name in ("admin", "server")}
         for bucket in buckets:
             moto.client().create_bucket(Bucket=bucket)
     except BaseException:
         moto.stop()
         raise
     return moto
+
+
+ALLOW_ALL = {
+    "Version": "2012-10-17",
+    "Statement": [{"Effect": "Allow", "Action": "*", "Resource": "*"}],
+}
+
+
+def iam(moto: Moto, user: str = "admin"):
+    import boto3
+
+    key_id, secret = moto.users.get(user, (KEY_ID, SECRET))
+    return boto3.client(
+        "iam",
+        endpoint_url=moto.endpoint,
+        aws_access_key_id=key_id,
+        aws_secret_access_key=secret,
+        region_name="us-east-1",
+    )
+
+
+def make_user(moto: Moto, name: str) -> tuple[str, str]:
+    """An IAM user `name` allowed everything (3 requests); returns its key id and secret."""
+    client = iam(moto, name)
+    client.create_user(UserName=name)
+    client.put_user_policy(UserName=name, PolicyName="all", PolicyDocument=json.dumps(ALLOW_ALL))
+    key = client.create_access_key(UserName=name)["AccessKey"]
+    return key["AccessKeyId"], key["SecretAccessKey"]
 
 
 def server_env(moto: Moto) -> dict[str, str]:

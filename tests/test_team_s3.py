@@ -94,7 +94,7 @@ def test_two_clones_share_data_models_and_experiments_through_s3(tmp_path, moto,
     # Clone 1, the workstation: train, push the data and model to the remote, commit the lock.
     run(clone1, env1, *DVC, "repro", f"train@{LAB}")
     run(clone1, env1, *DVC, "push")
-    run(clone1, env1, "git", "add", "dvc.lock")
+    run(clone1, env1, "git", "add", "-A")  # dvc.lock, and the small outputs DVC leaves to git
     run(clone1, env1, *GIT, "commit", "-qm", "trained")
     run(clone1, env1, "git", "push", "-q", "origin", "HEAD:main")
     summary = json.loads((clone1 / f"models/{LAB}/run.json").read_text())
@@ -118,13 +118,13 @@ def test_two_clones_share_data_models_and_experiments_through_s3(tmp_path, moto,
     assert reproduced.returncode == 0, reproduced.stdout + reproduced.stderr
     assert "metrics exactly equal" in reproduced.stdout
 
-    run(clone2, env2, *DVC, "pull")
+    run(clone2, env2, *DVC, "pull", "--with-deps", f"train@{LAB}")  # what clone 1 ran
     mine, theirs = outputs(clone1), outputs(clone2)
-    assert f"models/{LAB}/model.keras" in mine and "data/prepared/mnist/train.npz" in mine
+    assert f"models/{LAB}/model.keras" in mine and "data/prepared/mnist_demo/train.npz" in mine
     assert set(mine) == set(theirs)
     for name, path in mine.items():
         assert filecmp.cmp(path, theirs[name], shallow=False), name
-    status = run(clone2, env2, *DVC, "status")
+    status = run(clone2, env2, *DVC, "status", f"train@{LAB}")
     assert "Data and pipelines are up to date." in status.stdout, status.stdout
 
     # The registered model, through the server: clone 2 has no S3 credentials at all.

@@ -35,6 +35,7 @@ class Bucket:
     credentials: dict = field(default_factory=dict)
     set_endpoint: str = "MLFLOW_S3_ENDPOINT_URL"
     set_credentials: str = "AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or ~/.aws/credentials)"
+    set_uri: str = "--artifacts"
 
 
 def split_s3(uri: str) -> tuple[str, str]:
@@ -88,7 +89,7 @@ def bucket_problem(bucket: Bucket) -> str | None:
         if code in MISSING:
             return (
                 f"the bucket {name!r} of {where} does not exist: create it "
-                f"(aws s3 mb s3://{name}) or fix the URI"
+                f"(aws s3 mb s3://{name}) or fix {bucket.set_uri}"
             )
         if code in REFUSED:
             return (
@@ -139,4 +140,5 @@ def dvc_bucket(root: Path, remote: str | None = None) -> Bucket | None:
             f"`dvc remote modify --local {remote} access_key_id` and `secret_access_key` "
             "(or AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY)"
         ),
+        set_uri=f"its url (dvc remote modify {remote} url s3://BUCKET/PREFIX)",
     )
