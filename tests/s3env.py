@@ -90,12 +90,14 @@ class Moto:
             self.process.wait(20)
 
 
-def start_moto(*buckets: str, log: Path | None = None, auth: bool = False) -> Moto:
+def start_moto(
+    *buckets: str, log: Path | None = None, auth: bool = False, port: int | None = None
+) -> Moto:
     """Start moto's S3 server and create `buckets` in it. With `auth`, moto checks every
     request's credentials and IAM policy, as AWS does: the first requests (unchecked) make
     the users `admin` and `server` with keys, both allowed everything; `moto.users` holds
-    their (key id, secret)."""
-    port = teamserver.free_port()
+    their (key id, secret). `port`: a given one (a restart), else a free one."""
+    port = port or teamserver.free_port()
     command = [str(Path(sys.executable).parent / "moto_server"), "-H", "127.0.0.1", "-p", str(port)]
     env = {**os.environ, "INITIAL_NO_AUTH_ACTION_COUNT": "6" if auth else "inf"}
     with open(log or os.devnull, "ab") as out:
@@ -147,6 +149,8 @@ def server_env(moto: Moto) -> dict[str, str]:
         **CREDENTIALS,
         "MLFLOW_S3_ENDPOINT_URL": moto.endpoint,
         "AWS_DEFAULT_REGION": "us-east-1",
+        # boto3 tries a dead store 5 times with backoff, per file: a test need not wait.
+        "AWS_MAX_ATTEMPTS": "2",
     }
 
 
