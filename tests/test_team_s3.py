@@ -11,12 +11,14 @@ import subprocess
 import sys
 from pathlib import Path
 
+import mlflow
+import numpy as np
 import pytest
 import yaml
 from mlflow import MlflowClient
 from PIL import Image
 
-from conftest import REPO, make_images
+from conftest import REPO, make_images, write_prepared
 from dlilabs.demo import make_workspace
 from s3env import KEY_ID, SECRET, client_env, run, start_moto, start_team, stop_team
 
@@ -25,6 +27,7 @@ DVC = [sys.executable, "-m", "dvc"]
 REMOTE = "s3://dvc/dlilabs"
 ARTIFACTS = "s3://mlflow/artifacts"
 LAB = "mnist_mlp"
+SWEEP, PARALLEL = 8, 4  # jobs of the many-writers sweep, and how many run at once
 UNCACHED = [
     "data/prepared/mnist_demo/summary.json", "data/prepared/mnist_demo/samples.png",
     f"models/{LAB}/run.json",
@@ -97,7 +100,7 @@ def test_two_clones_share_data_models_and_experiments_through_s3(tmp_path, moto,
 
     # Clone 1, the workstation: train, push the data and model to the remote, commit the lock.
     run(clone1, env1, *DVC, "repro", f"train@{LAB}")
-    run(clone1, env1, *DVC, "push")
+    run(clone1, env1, sys.executable, "-m", "dlilabs.remote", "push")  # checks, dvc push
     # dvc.lock, and the metrics and plots DVC does not cache (`cache: false`): they travel by
     # git, which ignores data/ and models/ (hence -f).
     run(clone1, env1, "git", "add", "dvc.lock")
@@ -125,7 +128,8 @@ def test_two_clones_share_data_models_and_experiments_through_s3(tmp_path, moto,
     assert reproduced.returncode == 0, reproduced.stdout + reproduced.stderr
     assert "metrics exactly equal" in reproduced.stdout
 
-    run(clone2, env2, *DVC, "pull", "--with-deps", f"train@{LAB}")  # what clone 1 ran
+    pull = [sys.executable, "-m", "dlilabs.remote", "pull", "--with-deps", f"train@{LAB}"]
+    run(clone2, env2, *pull)  # what clone 1 ran
     mine, theirs = outputs(clone1), outputs(clone2)
     assert f"models/{LAB}/model.keras" in mine and "data/prepared/mnist_demo/train.npz" in mine
     assert set(mine) == set(theirs)
@@ -164,3 +168,35 @@ def test_two_clones_share_data_models_and_experiments_through_s3(tmp_path, moto,
     seed_run = json.loads((clone2 / f"models/{LAB}/run.json").read_text())["run_id"]
     assert seed_run != summary["run_id"]
     assert MlflowClient(team.uri).get_run(seed_run).data.params["trainer.seed"] == "1"
+
+
+@pytest.mark.slow
+def test_a_parallel_sweep_logs_every_model_to_the_bucket(project, moto, team):
+    write_prepared(project / "data" / "prepared" / "mnist", 320, 80, 10)
+    seeds = ",".join(str(seed) for seed in range(SWEEP))
+    command = [
+        sys.executable, "-m", "dlilabs.train", "-m", "experiment=mnist_mlp",
+        "model.hidden_units=[16]", "tracking=server", "trainer.epochs=1", f"trainer.seed={seeds}",
+        "hydra/launcher=parallel", f"hydra.launcher.n_jobs={PARALLEL}",
+    ]  # fmt: skip
+    run(project, client_env(project, team.uri), *command)
+
+    client = MlflowClient(team.uri)
+    experiment = client.get_experiment_by_name("dlilabs")
+    runs = client.search_runs([experiment.experiment_id])
+    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    assert len(children) == SWEEP and {r.info.status for r in children} == {"FINISHED"}
+    versions = {v.run_id: v.version for v in client.search_model_versions("name='mnist_mlp'")}
+    keys = moto.keys("mlflow", "artifacts/")
+    images = np.random.default_rng(0).random((2, 28, 28), dtype=np.float32)
+    mlflow.set_tracking_uri(team.uri)  # this process has no S3 credentials: all via the server
+    try:
+        for child in children:
+            run_id = child.info.run_id
+            for name in ("config.yaml", "history.csv"):  # in the bucket, under the run
+                assert any(key.endswith(f"/{run_id}/artifacts/{name}") for key in keys), name
+            model = mlflow.pyfunc.load_model(f"models:/mnist_mlp/{versions[run_id]}")
+            assert np.asarray(model.predict(images)).shape == (2, 10)
+    finally:
+        mlflow.set_tracking_uri(None)
+    assert sum(key.endswith("/MLmodel") for key in keys) >= SWEEP
