@@ -85,9 +85,11 @@ def dvc_round(moto, files: list[Path], key: str, work: Path) -> tuple[float, flo
     run(repo, env, *DVC, "init", "-q")
     run(repo, env, *DVC, "remote", "add", "-d", "team", f"s3://dvc/{key}")
     run(repo, env, *DVC, "remote", "modify", "team", "endpointurl", moto.endpoint)
-    for name, value in (("access_key_id", "AWS_ACCESS_KEY_ID"), ("secret_access_key", None)):
-        value = CREDENTIALS[value or "AWS_SECRET_ACCESS_KEY"]
-        run(repo, env, *DVC, "remote", "modify", "--local", "team", name, value)
+    for option, variable in (
+        ("access_key_id", "AWS_ACCESS_KEY_ID"),
+        ("secret_access_key", "AWS_SECRET_ACCESS_KEY"),
+    ):
+        run(repo, env, *DVC, "remote", "modify", "--local", "team", option, CREDENTIALS[variable])
     run(repo, env, *DVC, "add", "-q", *[file.name for file in files])
     run(repo, env, "git", "add", "-A")
     run(repo, env, *GIT, "commit", "-qm", "data")
