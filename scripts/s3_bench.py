@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -31,6 +32,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))  # the tests' moto helpers
 
+from dlilabs.tracking.postgres import end  # noqa: E402
 from s3env import CREDENTIALS, client_env, run, start_moto, wait_for_port  # noqa: E402
 
 DVC = [sys.executable, "-m", "dvc"]
@@ -165,8 +167,7 @@ def main(argv: list[str] | None = None) -> int:
         report(inputs, times, args.rounds)
     finally:
         if server is not None:
-            os.killpg(server.pid, 15)
-            server.wait(30)
+            end(server, signal.SIGTERM, group=True)
         moto.stop()
         shutil.rmtree(work, ignore_errors=True)
     return 0
