@@ -156,7 +156,8 @@ def test_two_clones_share_data_models_and_experiments_through_s3(tmp_path, moto,
     assert SECRET in (clone2 / ".dvc" / "config.local").read_text()
 
     # A DVC experiment travels the same way: its commit through git, its outputs through S3.
-    overrides = f"labs.{LAB}.overrides=model.hidden_units=[32] tracking=server trainer.seed=1"
+    # The value is quoted for DVC's (Hydra's) override grammar: it holds `=` and spaces.
+    overrides = f"labs.{LAB}.overrides='model.hidden_units=[32] tracking=server trainer.seed=1'"
     run(clone1, env1, *DVC, "exp", "run", "-n", "seed1", "-S", overrides, f"train@{LAB}")
     run(clone1, env1, *DVC, "exp", "push", "origin", "seed1")
     run(clone2, env2, *DVC, "exp", "pull", "origin", "seed1")
