@@ -7,7 +7,7 @@ BIN    := $(VENV)/bin
 export PATH := $(abspath $(BIN)):$(PATH)
 
 .DEFAULT_GOAL := help
-.PHONY: help install dev test test-fast lint format demo repro bench ui server serve compare reproduce cluster cluster-stop clean
+.PHONY: help install dev team test test-fast lint format demo repro bench ui server serve compare reproduce cluster cluster-stop clean
 
 help: ## List the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -54,8 +54,16 @@ bench: dev ## Print speed and memory ratios measured side by side
 ui: install ## MLflow UI over the project's store; prints the link to the story's charts (PORT=5000)
 	$(PY) -m dlilabs.ui --port $(or $(PORT),5000)
 
-server: install ## Team tracking server: PostgreSQL + MLflow on http://127.0.0.1:5001, store in .server/ (PORT=5001, AUTH=1: login)
-	$(PY) -m dlilabs.server --port $(or $(PORT),5001) --data-dir $(CURDIR)/.server $(if $(AUTH),--auth)
+$(VENV)/.installed-team: pyproject.toml $(VENV)/.installed
+	$(PY) -m pip install --quiet -e '.[team]'
+	touch $@
+
+team: $(VENV)/.installed-team ## Install the S3 pieces of a team setup (dvc-s3, boto3; pinned)
+
+# ARTIFACTS=s3://bucket/prefix: the server keeps artifacts in that bucket (endpoint from
+# MLFLOW_S3_ENDPOINT_URL, credentials from AWS_* or ~/.aws; clients need neither).
+server: $(if $(ARTIFACTS),team,install) ## Team tracking server: PostgreSQL + MLflow on http://127.0.0.1:5001, store in .server/ (PORT=5001, AUTH=1: login, ARTIFACTS=s3://bucket/prefix)
+	$(PY) -m dlilabs.server --port $(or $(PORT),5001) --data-dir $(CURDIR)/.server $(if $(AUTH),--auth) $(if $(ARTIFACTS),--artifacts $(ARTIFACTS))
 
 serve: install ## Serve a registered model on http://127.0.0.1:5002/invocations (MODEL=models:/asl_cnn@champion, PORT=5002)
 	MLFLOW_TRACKING_URI=$${MLFLOW_TRACKING_URI:-sqlite:///$(CURDIR)/mlflow.db} \

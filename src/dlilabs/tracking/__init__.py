@@ -19,6 +19,7 @@
     teamserver  the team server: `mlflow server` (optionally with its login) over...
     postgres    ...a password-protected PostgreSQL cluster in the same folder
     uiview      what the MLflow UI opens on: experiment kind, description, the story view
+    buckets     S3 buckets of the artifact store and the DVC remote: one line when unusable
 
 The names below are what the stages use. They load lazily, on first use, so that a stage
 which never logs (download, preprocess) does not pay for importing MLflow and Keras.
@@ -65,6 +66,8 @@ _EXPORTS = {
     "run_tag": "restart",
     "finished_before_stop": "restart",
     "record_failed_start": "slurm",
+    "dvc_bucket": "buckets",
+    "bucket_problem": "buckets",
 }
 __all__ = sorted(_EXPORTS)
 

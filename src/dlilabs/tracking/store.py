@@ -17,6 +17,7 @@ import sqlite3
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from omegaconf import DictConfig
 
@@ -29,6 +30,7 @@ for _chatty in ("mlflow.store.db.utils", "alembic", "alembic.runtime.migration")
     logging.getLogger(_chatty).setLevel(logging.WARNING)
 
 HINT = "Is it running? (make server)"
+ARTIFACTS_API = "/api/2.0/mlflow-artifacts/"  # where a server with --serve-artifacts takes them
 # Seconds to wait for another process creating or upgrading the SQLite store's schema (a
 # big store's migration can take minutes; creating a new one takes seconds).
 LOCK_TIMEOUT = 600
@@ -278,6 +280,13 @@ def tracking_user_error(error: BaseException, uri: str | None = None) -> UserErr
         request = getattr(error, "request", None)
         url = getattr(request, "url", None) or ""
         if isinstance(error, failures) and url.startswith(uri):
+            if ARTIFACTS_API in url and isinstance(error, requests.exceptions.RetryError):
+                # The server answers, but cannot write to (or read from) its artifact store.
+                return UserError(
+                    f"the MLflow tracking server at {uri} failed to store or serve an artifact "
+                    f"(HTTP 500 on {urlsplit(url).path}): its artifact store is failing; check "
+                    "the bucket or folder given to its --artifacts, and its log (mlflow.log)"
+                )
             reason = _reason(error)
             return UserError(f"lost the MLflow tracking server at {uri}: {reason}. {HINT}")
         if getattr(error, "error_code", None) in AUTH_ERRORS:

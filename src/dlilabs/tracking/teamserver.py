@@ -4,8 +4,10 @@
 starts PostgreSQL (`dlilabs.tracking.postgres`: passwords for everyone, 127.0.0.1 and a socket
 in `<data-dir>/postgres` only), then `mlflow server` with that database as its backend store
 and `<data-dir>/artifacts` as the artifact store it proxies, and stops both on Ctrl-C or
-SIGTERM. Runs log to it with `tracking=server` (conf/tracking/server.yaml). The folder
-survives restarts: the next start reuses the cluster, so runs and artifacts stay together.
+SIGTERM. `--artifacts s3://bucket/prefix` keeps the artifacts in a bucket instead (endpoint
+from MLFLOW_S3_ENDPOINT_URL, credentials from AWS_* or ~/.aws; the bucket is checked first).
+Runs log to it with `tracking=server` (conf/tracking/server.yaml). The folder survives
+restarts: the next start reuses the cluster, so runs and artifacts stay together.
 
 `--auth` puts MLflow's own login in front (`--app-name basic-auth`): its config, user store,
 admin password and session key are 0600 files in the data dir (AUTH_FILES); clients send
@@ -30,6 +32,7 @@ import urllib.request
 from pathlib import Path
 
 from dlilabs.ground.errors import UserError
+from dlilabs.tracking.buckets import AWS, check_bucket, server_bucket
 from dlilabs.tracking.postgres import (
     SUPERUSER_FILE,
     Postgres,
@@ -112,10 +115,12 @@ def start_mlflow(
     workers=1,
     log_file: Path | None = None,
     auth: bool = False,
+    env: dict[str, str] | None = None,
 ):
     """Start `mlflow server` on 127.0.0.1:`port` over `postgres`'s database, storing artifacts
     in `artifacts` (a folder or an s3://... URI) and serving them to clients; with `auth`,
-    behind MLflow's login (files beside the cluster); wait for /health.
+    behind MLflow's login (files beside the cluster); wait for /health. `env`: variables for
+    the server alone, such as the bucket's credentials (AWS_*) and MLFLOW_S3_ENDPOINT_URL.
     The database password reaches it through PGPASSFILE, not its command line (`ps` shows it).
     It runs in its own process group: `stop` (or a test's os.killpg) reaches its workers.
     One worker by default: it serves requests from a thread pool, and with more, uvicorn's
@@ -127,7 +132,7 @@ def start_mlflow(
     command = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", postgres.dsn]
     command += ["--artifacts-destination", str(artifacts), "--serve-artifacts"]
     command += ["--host", "127.0.0.1", "--port", str(port), "--workers", str(workers)]
-    env = {**os.environ, "PGPASSFILE": str(postgres.passfile)}
+    env = {**os.environ, **(env or {}), "PGPASSFILE": str(postgres.passfile)}
     env.pop("PGPASSWORD", None)  # would win over the file
     if auth:
         command += ["--app-name", "basic-auth"]
@@ -187,6 +192,10 @@ def main(argv: list[str] | None = None) -> int:
     postgres = process = None
     log_file, uri = data_dir / "mlflow.log", f"http://127.0.0.1:{args.port}"
     try:
+        if args.artifacts and "://" in args.artifacts:
+            endpoint = os.environ.get("MLFLOW_S3_ENDPOINT_URL")
+            check_bucket(server_bucket(args.artifacts, endpoint))  # before anything starts
+            print(f"artifacts in {args.artifacts} at {endpoint or AWS}", flush=True)
         postgres = start_postgres(data_dir, args.pg_port)
         print(f"PostgreSQL on 127.0.0.1:{postgres.port} (log: {data_dir / 'postgres.log'})")
         print(f"  passwords: {postgres.passfile} (MLflow's role), {data_dir / SUPERUSER_FILE}")
