@@ -326,6 +326,10 @@ def lab_run(
         status = "KILLED" if stopped_from_outside(error) else "FAILED"
         raise
     finally:
+        if previous_handler is not None:
+            # A second stop signal (SLURM sends SIGTERM after its preemption warning) must not
+            # cut this short: a run left open would be ended FINISHED by MLflow at exit.
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
         heartbeat.stop()
         with contextlib.suppress(Exception):  # the store may be what failed: keep the cause
             mlflow.log_metric("memory/peak_mb", peak_memory_mb())
