@@ -216,7 +216,7 @@ def test_an_older_scaled_input_version_keeps_working(served, inputs):
     import keras
 
     from dlilabs.tracking.cards import card_markdown, card_summary, write_card
-    from dlilabs.tracking.labrun import log_keras_model
+    from dlilabs.tracking.modellog import log_keras_model
 
     current = predict_command(served, [inputs.csv])
     model = mlflow.pyfunc.load_model(served.model_uri).unwrap_python_model().model

@@ -2,7 +2,8 @@
 
     store       connect to the store (SQLite or a tracking server) under a lock, survive it
                 going away
-    labrun      a lab run: tags, params, per-epoch metrics, the logged model, its lifecycle
+    labrun      a lab run: tags, params, per-epoch metrics, its outputs, its lifecycle
+    modellog    the logged (and registered) model, without MLflow's extra checks
     reconcile   runs' owners and heartbeats; ending runs whose process is gone
     evaluation  what evaluate records in the train run, without touching its status
     registry    the `champion` alias; loading registered models
