@@ -167,6 +167,12 @@ def check_python(words: list[str]) -> None:
                 overrides.append(word)
         compose_overrides(overrides)
         return
+    if module == "dlilabs.remote" and rest[:1] in (["push"], ["pull"]):
+        # Its words after push/pull are dvc's own: DVC's parser checks them.
+        from dvc.cli import parse_args
+
+        parse_args(rest)
+        return
     shown = tool_help(module)
     for word in rest:
         if word.startswith("-"):
