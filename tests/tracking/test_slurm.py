@@ -71,18 +71,19 @@ def runs(project):
 
 def test_a_grid_sweep_runs_every_job_on_slurm_and_says_where(project):
     write_prepared(project / "data" / "prepared" / "mnist", 400, 100, 10)
-    process = sweep(project, "trainer.epochs=2", "model.hidden_units=[16],[32]")
+    # Three jobs on two CPUs: the third waits in the queue (a pending array task) meanwhile.
+    process = sweep(project, "trainer.epochs=2", "model.hidden_units=[16],[32],[48]")
     out, err = process.communicate(timeout=600)
     assert process.returncode == 0, out + err
     found = runs(project)
     parents = [run for run in found if run.data.tags.get("sweep") == "parent"]
     children = [run for run in found if run.data.tags.get("sweep") == "child"]
     assert [parent.info.status for parent in parents] == ["FINISHED"]
-    assert sorted(run.info.status for run in children) == ["FINISHED", "FINISHED"]
-    assert {run.data.params["model.hidden_units"] for run in children} == {"[16]", "[32]"}
+    assert sorted(run.info.status for run in children) == ["FINISHED"] * 3
+    assert {run.data.params["model.hidden_units"] for run in children} == {"[16]", "[32]", "[48]"}
     array_ids = {run.data.tags["slurm.array_job_id"] for run in children}
     assert len(array_ids) == 1  # one array job for the sweep
-    assert sorted(run.data.tags["slurm.array_task_id"] for run in children) == ["0", "1"]
+    assert sorted(run.data.tags["slurm.array_task_id"] for run in children) == ["0", "1", "2"]
     for run in children:
         tags = run.data.tags
         assert tags["slurm.job_id"].isdigit()

@@ -54,6 +54,7 @@ ENDED = {
 }
 POLL_S = 3.0
 GRACE_S = 15.0  # an ended job's result file may take a moment to appear on a shared disk
+UNKNOWN_S = 120.0  # a job neither scontrol nor sacct knows is given up after this
 
 
 def stopped_from_outside(error: BaseException) -> bool:
@@ -100,6 +101,16 @@ def record_failed_start(cfg, error: str) -> None:
     client.set_terminated(run.info.run_id, "FAILED")
 
 
+def array_tasks(spec: str) -> list[int]:
+    """SLURM's array task list -> the task numbers: "3" -> [3], "2-4,7%2" -> [2, 3, 4, 7]."""
+    numbers: list[int] = []
+    for part in spec.split("%")[0].strip("[]").split(","):
+        first, _, last = part.partition("-")
+        if first.isdigit():
+            numbers.extend(range(int(first), int(last or first) + 1))
+    return numbers
+
+
 def job_states(job_ids: list[str]) -> dict[str, str]:
     """{job id: SLURM state} for the jobs SLURM still knows (`scontrol`, then `sacct` for the
     ones scontrol has forgotten); array tasks are named `<array id>_<index>`."""
@@ -112,11 +123,14 @@ def job_states(job_ids: list[str]) -> dict[str, str]:
         shown = ""
     for line in shown.splitlines():
         fields = dict(part.split("=", 1) for part in line.split() if "=" in part)
-        if "ArrayJobId" in fields and fields.get("ArrayTaskId", "N/A") != "N/A":
-            job_id = f"{fields['ArrayJobId']}_{fields['ArrayTaskId']}"
+        state = fields.get("JobState", "UNKNOWN")
+        tasks = fields.get("ArrayTaskId", "N/A")
+        if "ArrayJobId" in fields and tasks != "N/A":
+            # Tasks still pending share one record: ArrayTaskId=2-5, 2,4-7 or 2-9%2.
+            for task in array_tasks(tasks):
+                states[f"{fields['ArrayJobId']}_{task}"] = state
         else:
-            job_id = fields.get("JobId", "")
-        states[job_id] = fields.get("JobState", "UNKNOWN")
+            states[fields.get("JobId", "")] = state
     missing = [job_id for job_id in job_ids if job_id not in states]
     if missing:
         try:
@@ -181,7 +195,9 @@ def wait_for_all(jobs: list) -> tuple[dict[int, object], dict[int, str]]:
                 last_states[index] = state
             if state in ENDED or state == "UNKNOWN":
                 first = ended_since.setdefault(index, time.monotonic())
-                if time.monotonic() - first > GRACE_S:  # ended, and no result came
+                # Unknown to both scontrol and sacct for a while: gone (nothing waits forever).
+                grace = GRACE_S if state in ENDED else UNKNOWN_S
+                if time.monotonic() - first > grace:  # ended, and no result came
                     lost[index] = f"{cause_of(job, state)} ({state})"
             else:
                 ended_since.pop(index, None)  # requeued or running again
