@@ -94,6 +94,9 @@ def log_keras_model(
     absl_level = absl_logger.level
     keras.config.disable_interactive_logging()
     absl_logger.setLevel(logging.WARNING)
+    # That check downloads the logged model again, with a progress bar nobody asked for.
+    bar = os.environ.get("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR")
+    os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = "false"
     try:
         # MLflow's checks predict on numpy arrays; under op determinism (profile=demo) each
         # Keras predict() makes TensorFlow print an E0000 line about a rewritten map op.
@@ -129,6 +132,10 @@ def log_keras_model(
                 validate_serving_input=False,
             )
     finally:
+        if bar is None:
+            os.environ.pop("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", None)
+        else:
+            os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = bar
         absl_logger.setLevel(absl_level)
         if interactive:
             keras.config.enable_interactive_logging()
