@@ -118,7 +118,8 @@ def test_changing_one_lab_makes_only_that_lab_stale(reproduced, change):
             {"download", "preprocess", "train", "evaluate", "line_fit"},
         ),
         # Code imported inside a function (train.py builds the model there).
-        ("src/dlilabs/core/models.py", "\n", "\n# edited\n", {"train", "line_fit"}),
+        # evaluate loads model.keras through core.models (one error path for damage)
+        ("src/dlilabs/core/models.py", "\n", "\n# edited\n", {"train", "evaluate", "line_fit"}),
     ],
 )
 def test_editing_what_a_stage_composes_or_imports_makes_it_stale(reproduced, path, old, new, kinds):

@@ -9,6 +9,7 @@ import base64
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -71,7 +72,9 @@ def start_server(model_uri: str, store: str, log: Path) -> tuple[subprocess.Pope
     env = {**os.environ, "MLFLOW_TRACKING_URI": store, "PATH": path}
     command = [sys.executable, "-m", "mlflow", "models", "serve", "-m", model_uri]
     command += ["--env-manager", "local", "-h", "127.0.0.1", "-p", str(port), "-w", "1"]
-    process = subprocess.Popen(command, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT)
+    process = subprocess.Popen(
+        command, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True
+    )
     deadline = time.monotonic() + 180
     while time.monotonic() < deadline:
         assert process.poll() is None, log.read_text()
@@ -80,7 +83,7 @@ def start_server(model_uri: str, store: str, log: Path) -> tuple[subprocess.Pope
                 return process, port
         except OSError:
             time.sleep(1)
-    process.terminate()
+    stop_server(process)
     raise AssertionError(f"the server did not answer in 180 s:\n{log.read_text()}")
 
 
@@ -101,8 +104,17 @@ def served(request, tmp_path_factory):
     process, port = start_server(model_uri, store, root / "server.log")
     mlflow.set_tracking_uri(store)
     yield SimpleNamespace(lab=lab, root=root, store=store, model_uri=model_uri, port=port)
-    process.terminate()
-    process.wait(timeout=30)
+    stop_server(process)
+
+
+def stop_server(process: subprocess.Popen) -> None:
+    """SIGTERM to the server and its uvicorn workers; SIGKILL if they linger (a loaded CI)."""
+    os.killpg(process.pid, signal.SIGTERM)
+    try:
+        process.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait(timeout=30)
 
 
 @pytest.fixture
