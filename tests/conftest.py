@@ -94,6 +94,14 @@ def command_env(drop: tuple[str, ...] = (), **extra: str) -> dict[str, str]:
     return env
 
 
+def store_runs(project: Path, experiment: str = "dlilabs") -> list:
+    """Every run of `experiment` in the project's SQLite store (mlflow.db), as Run objects."""
+    import mlflow
+
+    mlflow.set_tracking_uri(f"sqlite:///{project / 'mlflow.db'}")
+    return mlflow.search_runs(experiment_names=[experiment], output_format="list")
+
+
 def stage_env(root: Path, **extra: str) -> dict[str, str]:
     """Environment for running a stage as a subprocess against the project at `root`."""
     return command_env(DLILABS_ROOT=str(root), **extra)

@@ -13,7 +13,7 @@ import time
 import mlflow
 import pytest
 
-from conftest import stage_env, write_prepared
+from conftest import stage_env, store_runs, write_prepared
 from dlilabs.ground.config import compose
 from dlilabs.tracking.restart import checkpoint_folder, config_digest
 
@@ -40,11 +40,6 @@ def train(project, *extra: str) -> subprocess.Popen:
     )
 
 
-def runs(project):
-    mlflow.set_tracking_uri(f"sqlite:///{project / 'mlflow.db'}")
-    return mlflow.search_runs(experiment_names=["dlilabs"], output_format="list")
-
-
 def test_config_digest_ignores_paths_but_not_settings(project):
     base = compose(OVERRIDES)
     moved = compose([*OVERRIDES, "paths.root=/elsewhere"])
@@ -60,7 +55,7 @@ def test_a_stopped_run_resumes_in_the_same_run_with_the_uninterrupted_numbers(pr
     whole = train(project)
     output = whole.communicate(timeout=600)[0]
     assert whole.returncode == 0, output
-    (uninterrupted,) = runs(project)
+    (uninterrupted,) = store_runs(project)
 
     folder = checkpoint_folder(compose(OVERRIDES))
     assert not folder.exists()  # removed once the run finished
@@ -74,7 +69,7 @@ def test_a_stopped_run_resumes_in_the_same_run_with_the_uninterrupted_numbers(pr
     stopped.send_signal(stop)
     output = stopped.communicate(timeout=120)[0]
     assert stopped.returncode != 0, output
-    interrupted = next(r for r in runs(project) if r.info.run_id != uninterrupted.info.run_id)
+    interrupted = next(r for r in store_runs(project) if r.info.run_id != uninterrupted.info.run_id)
     assert interrupted.info.status == "KILLED"
     done = json.loads((folder / "state.json").read_text())["epoch"]
     assert 2 <= done < 6
@@ -83,7 +78,7 @@ def test_a_stopped_run_resumes_in_the_same_run_with_the_uninterrupted_numbers(pr
     output = resumed.communicate(timeout=600)[0]
     assert resumed.returncode == 0, output
     assert f"Continuing MLflow run {interrupted.info.run_id} after epoch {done}" in output
-    assert len(runs(project)) == 2  # the stopped run was continued, not started anew
+    assert len(store_runs(project)) == 2  # the stopped run was continued, not started anew
     run = mlflow.get_run(interrupted.info.run_id)
     assert run.info.status == "FINISHED"
     assert run.data.tags["resume.count"] == "1"

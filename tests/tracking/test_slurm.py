@@ -13,7 +13,7 @@ import time
 import mlflow
 import pytest
 
-from conftest import stage_env, write_prepared
+from conftest import stage_env, store_runs, write_prepared
 
 pytestmark = [pytest.mark.slow, pytest.mark.slurm]
 
@@ -45,17 +45,10 @@ CPU_JOBS = [
 ]
 
 
-def sweep(project, *overrides: str) -> subprocess.Popen:
+def train(project, *arguments: str) -> subprocess.Popen:
+    """`python -m dlilabs.train <arguments>` (lab 1, CPU jobs on the cluster) in `project`."""
     return subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "dlilabs.train",
-            "-m",
-            "experiment=mnist_mlp",
-            *CPU_JOBS,
-            *overrides,
-        ],
+        [sys.executable, "-m", "dlilabs.train", "experiment=mnist_mlp", *CPU_JOBS, *arguments],
         cwd=project,
         env=stage_env(project),
         stdout=subprocess.PIPE,
@@ -64,9 +57,8 @@ def sweep(project, *overrides: str) -> subprocess.Popen:
     )
 
 
-def runs(project):
-    mlflow.set_tracking_uri(f"sqlite:///{project / 'mlflow.db'}")
-    return mlflow.search_runs(experiment_names=["dlilabs"], output_format="list")
+def sweep(project, *overrides: str) -> subprocess.Popen:
+    return train(project, "-m", *overrides)
 
 
 def test_a_grid_sweep_runs_every_job_on_slurm_and_says_where(project):
@@ -75,7 +67,7 @@ def test_a_grid_sweep_runs_every_job_on_slurm_and_says_where(project):
     process = sweep(project, "trainer.epochs=2", "model.hidden_units=[16],[32],[48]")
     out, err = process.communicate(timeout=600)
     assert process.returncode == 0, out + err
-    found = runs(project)
+    found = store_runs(project)
     parents = [run for run in found if run.data.tags.get("sweep") == "parent"]
     children = [run for run in found if run.data.tags.get("sweep") == "child"]
     assert [parent.info.status for parent in parents] == ["FINISHED"]
@@ -158,7 +150,7 @@ def test_cancelled_and_requeued_jobs_never_lose_the_sweep(project):
     assert "cancelled (scancel)" in lost[0] and cancelled in lost[0], err
     assert "resume them" in err and "dlilabs.train -m experiment=mnist_mlp" in err
 
-    found = {run.info.run_id: run for run in runs(project)}
+    found = {run.info.run_id: run for run in store_runs(project)}
     parent = next(run for run in found.values() if run.data.tags.get("sweep") == "parent")
     assert parent.info.status == "FAILED"
     assert found[cancelled].info.status == "KILLED"
@@ -190,7 +182,7 @@ def test_cancelled_and_requeued_jobs_never_lose_the_sweep(project):
     wait_for(cluster_up, timeout=120, what="the node to be back")
     out, err = again.communicate(timeout=600)
     assert again.returncode == 0, out + err
-    found = {run.info.run_id: run for run in runs(project)}
+    found = {run.info.run_id: run for run in store_runs(project)}
     assert len(found) == 3
     assert found[parent.info.run_id].info.status == "FINISHED"
     assert found[cancelled].info.status == "FINISHED"
@@ -268,7 +260,7 @@ def test_a_job_that_requires_a_gpu_on_a_cpu_node_fails_at_once_with_a_failed_run
     assert time.monotonic() - started < 180  # seconds per job, not a training's time
     lost = [line for line in err.splitlines() if line.startswith("  trainer.epochs=")]
     assert len(lost) == 2 and all(" failed" in line for line in lost), err
-    children = [run for run in runs(project) if run.data.tags.get("sweep") == "child"]
+    children = [run for run in store_runs(project) if run.data.tags.get("sweep") == "child"]
     assert sorted(run.info.status for run in children) == ["FAILED", "FAILED"]
     for run in children:
         assert "GPU" in run.data.tags["error"] and run.data.tags["slurm.node"]
@@ -289,27 +281,11 @@ def test_a_job_over_its_memory_limit_is_named_with_its_cause(project):
 
 def test_an_optuna_search_runs_its_trials_as_slurm_jobs(project):
     write_prepared(project / "data" / "prepared" / "mnist", 400, 100, 10)
-    process = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "dlilabs.train",
-            "experiment=mnist_mlp",
-            "hparams_search=mnist_mlp_optuna",
-            "hydra.sweeper.n_trials=2",
-            "hydra.sweeper.n_jobs=2",
-            "trainer.epochs=2",
-            *CPU_JOBS,
-        ],  # fmt: skip
-        cwd=project,
-        env=stage_env(project),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    search = ["hparams_search=mnist_mlp_optuna", "hydra.sweeper.n_trials=2"]
+    process = train(project, *search, "hydra.sweeper.n_jobs=2", "trainer.epochs=2")
     out, err = process.communicate(timeout=600)
     assert process.returncode == 0, out + err
-    found = runs(project)
+    found = store_runs(project)
     parents = [run for run in found if run.data.tags.get("sweep") == "parent"]
     trials = [run for run in found if run.data.tags.get("sweep") == "child"]
     assert [parent.info.status for parent in parents] == ["FINISHED"]
