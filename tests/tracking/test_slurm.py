@@ -45,10 +45,13 @@ CPU_JOBS = [
 ]
 
 
-def train(project, *arguments: str) -> subprocess.Popen:
-    """`python -m dlilabs.train <arguments>` (lab 1, CPU jobs on the cluster) in `project`."""
+def train(project, *arguments: str, multirun: bool = False) -> subprocess.Popen:
+    """`python -m dlilabs.train [-m] <arguments>` (lab 1, CPU jobs on the cluster) in `project`.
+    `-m` goes first: argparse takes no override after it once overrides came before."""
+    flags = ["-m"] if multirun else []
+    command = ["-m", "dlilabs.train", *flags, "experiment=mnist_mlp", *CPU_JOBS, *arguments]
     return subprocess.Popen(
-        [sys.executable, "-m", "dlilabs.train", "experiment=mnist_mlp", *CPU_JOBS, *arguments],
+        [sys.executable, *command],
         cwd=project,
         env=stage_env(project),
         stdout=subprocess.PIPE,
@@ -58,7 +61,7 @@ def train(project, *arguments: str) -> subprocess.Popen:
 
 
 def sweep(project, *overrides: str) -> subprocess.Popen:
-    return train(project, "-m", *overrides)
+    return train(project, *overrides, multirun=True)
 
 
 def test_a_grid_sweep_runs_every_job_on_slurm_and_says_where(project):
