@@ -117,6 +117,19 @@ class KeepBestWeights(keras.callbacks.Callback):
             self.model.set_weights(self.best_weights)
 
 
+class EpochProgress(keras.callbacks.ProgbarLogger):
+    """Keras' progress bar (or one line per epoch), numbered out of all `total` epochs while
+    `fit` is called once per epoch (Keras alone would print "Epoch 3/3", then "Epoch 4/4")."""
+
+    def __init__(self, total: int):
+        super().__init__()
+        self.total = total
+
+    def set_params(self, params):
+        super().set_params(params)
+        self.epochs = self.total
+
+
 def fit(
     model: keras.Model,
     train_data,
@@ -157,7 +170,7 @@ def fit(
                 checkpoint.folder, best, history.rows, checkpoint.augmenter, checkpoint.extra
             )
         )
-    every = [*(callbacks or []), history, best, *extra]
+    every = [*(callbacks or []), history, best, *extra, EpochProgress(epochs)]
     # shuffle=False: the tf.data pipeline already shuffles every epoch.
     if callable(train_data):
         # One fit call per epoch, each on that epoch's own batches. (Keras' steps_per_epoch

@@ -110,6 +110,10 @@ class EpochLogger(keras.callbacks.Callback):
         self._epoch_start = time.monotonic()
 
     def on_epoch_begin(self, epoch, logs=None):
+        # A stop signal whose KeyboardInterrupt Python swallowed (raised inside a weakref or
+        # __del__ callback, "Exception ignored in ...") still stops the job, an epoch later.
+        if _received:
+            raise KeyboardInterrupt(f"received signal {_received[-1]}")
         self._epoch_start = time.monotonic()
 
     def on_epoch_end(self, epoch, logs=None):
@@ -146,7 +150,12 @@ class EpochLogger(keras.callbacks.Callback):
                 retry_if_locked(client.log_batch, run.info.run_id, metrics=batch, tags=beat)
 
 
+# Stop signals received during the current run (see EpochLogger.on_epoch_begin).
+_received: list[int] = []
+
+
 def _interrupt(signum, frame):
+    _received.append(signum)
     raise KeyboardInterrupt(f"received signal {signum}")
 
 
@@ -184,6 +193,7 @@ def lab_run(
     it lasts, so that `reconcile` can end it later (KILLED at its last heartbeat).
     `tracking_cfg` turns system metrics on (`system_metrics`); every run ends with its
     process's peak memory, `memory/peak_mb`."""
+    _received.clear()
     try:
         previous_handler = signal.signal(signal.SIGTERM, _interrupt)
         # SLURM's warning before a preemption or the time limit (--signal=USR2@...): stop as
