@@ -49,8 +49,22 @@ def test_config_digest_ignores_paths_but_not_settings(project):
     assert checkpoint_folder(base).name.startswith("mnist_mlp-")
 
 
-@pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGUSR2])
-def test_a_stopped_run_resumes_in_the_same_run_with_the_uninterrupted_numbers(project, stop):
+def stop_after(process: subprocess.Popen, folder, epoch: int, stop: signal.Signals) -> int:
+    """Send `stop` to the training `process` once its checkpoint holds `epoch`; the epoch its
+    checkpoint holds once it has stopped (it must stop with a failure)."""
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        state = folder / "state.json"
+        if state.is_file() and json.loads(state.read_text())["epoch"] >= epoch:
+            break
+        time.sleep(0.05)
+    process.send_signal(stop)
+    output = process.communicate(timeout=120)[0]
+    assert process.returncode != 0, output
+    return json.loads((folder / "state.json").read_text())["epoch"]
+
+
+def test_a_run_stopped_twice_resumes_in_the_same_run_with_the_uninterrupted_numbers(project):
     write_prepared(project / "data" / "prepared" / "mnist", 6000, 300, 10)
     whole = train(project)
     output = whole.communicate(timeout=600)[0]
@@ -59,30 +73,28 @@ def test_a_stopped_run_resumes_in_the_same_run_with_the_uninterrupted_numbers(pr
 
     folder = checkpoint_folder(compose(OVERRIDES))
     assert not folder.exists()  # removed once the run finished
+    # SLURM's warning before a preemption or the time limit (--signal=USR2@...), then the
+    # SIGTERM of `scancel`, of a preemption or of Ctrl-C's kin: each leaves a checkpoint.
     stopped = train(project, "sweep.resume=false")  # sweep.resume: not part of the identity
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        state = folder / "state.json"
-        if state.is_file() and json.loads(state.read_text())["epoch"] >= 2:
-            break
-        time.sleep(0.05)
-    stopped.send_signal(stop)
-    output = stopped.communicate(timeout=120)[0]
-    assert stopped.returncode != 0, output
+    first = stop_after(stopped, folder, 2, signal.SIGUSR2)
     interrupted = next(r for r in store_runs(project) if r.info.run_id != uninterrupted.info.run_id)
     assert interrupted.info.status == "KILLED"
-    done = json.loads((folder / "state.json").read_text())["epoch"]
-    assert 2 <= done < 6
+    assert 2 <= first < 5
+
+    again = train(project)
+    second = stop_after(again, folder, first + 1, signal.SIGTERM)
+    assert first < second < 6
+    assert mlflow.get_run(interrupted.info.run_id).info.status == "KILLED"
 
     resumed = train(project)
     output = resumed.communicate(timeout=600)[0]
     assert resumed.returncode == 0, output
-    assert f"Continuing MLflow run {interrupted.info.run_id} after epoch {done}" in output
+    assert f"Continuing MLflow run {interrupted.info.run_id} after epoch {second}" in output
     assert len(store_runs(project)) == 2  # the stopped run was continued, not started anew
     run = mlflow.get_run(interrupted.info.run_id)
     assert run.info.status == "FINISHED"
-    assert run.data.tags["resume.count"] == "1"
-    assert run.data.tags["resume.from_epoch"] == str(done)
+    assert run.data.tags["resume.count"] == "2"
+    assert run.data.tags["resume.from_epoch"] == str(second)
     history = mlflow.MlflowClient().get_metric_history(run.info.run_id, "val/accuracy")
     assert sorted(metric.step for metric in history) == [1, 2, 3, 4, 5, 6]  # each epoch once
     for name, value in uninterrupted.data.metrics.items():
