@@ -1,8 +1,13 @@
-"""fitting.summary_metrics: the run's summary numbers mean what their names say."""
+"""fitting: the run's summary numbers mean what their names say; a stop never leaves the
+checkpoint behind what was logged."""
 
+import keras
+import numpy as np
 import pytest
+import tensorflow as tf
 
-from dlilabs.core.fitting import history_row, summary_metrics
+from dlilabs.core.checkpoint import Plan, load
+from dlilabs.core.fitting import fit, history_row, summary_metrics
 
 
 def rows() -> list[dict[str, float]]:
@@ -35,3 +40,26 @@ def test_best_is_the_best_over_epochs_and_best_epoch_is_the_saved_model():
 
 def test_no_epochs():
     assert summary_metrics([], best_epoch=0) == {"best_epoch": 0.0}
+
+
+class StopAtEpochTwo(keras.callbacks.Callback):
+    """A stop that lands in the lab's own callbacks (the MLflow logger's place)."""
+
+    def on_epoch_end(self, epoch, logs=None):
+        if epoch == 1:
+            raise KeyboardInterrupt("stopped at the end of epoch 2")
+
+
+def test_an_epoch_the_lab_callbacks_saw_is_already_checkpointed(tmp_path):
+    # The logger logs what its epoch_end sees: a stop right after it must not leave the
+    # checkpoint an epoch behind, or the resumed run would train and log that epoch again.
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2, activation="softmax")])
+    model.compile(loss="categorical_crossentropy", metrics=["accuracy"])
+    rows = np.zeros((32, 4), dtype=np.float32)
+    labels = keras.utils.to_categorical(np.arange(32) % 2, 2)
+    batches = tf.data.Dataset.from_tensor_slices((rows, labels)).batch(16)
+    plan = Plan(tmp_path / "checkpoint")
+    with pytest.raises(KeyboardInterrupt):
+        stop = [StopAtEpochTwo()]
+        fit(model, lambda epoch: batches, batches, 4, "val_accuracy", stop, checkpoint=plan)
+    assert load(plan.folder).epoch == 2

@@ -170,7 +170,11 @@ def fit(
                 checkpoint.folder, best, history.rows, checkpoint.augmenter, checkpoint.extra
             )
         )
-    every = [*(callbacks or []), history, best, *extra, EpochProgress(epochs)]
+    # The checkpoint goes before `callbacks` (the MLflow logger): a stop between the two then
+    # leaves an epoch checkpointed but not logged, which the resumed run logs from the
+    # checkpoint, never an epoch logged but not checkpointed, which it would train and log
+    # again (seen on SLURM: epoch 3 logged twice after a scancel).
+    every = [history, best, *extra, *(callbacks or []), EpochProgress(epochs)]
     # shuffle=False: the tf.data pipeline already shuffles every epoch.
     if callable(train_data):
         # One fit call per epoch, each on that epoch's own batches. (Keras' steps_per_epoch
