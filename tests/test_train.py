@@ -137,14 +137,15 @@ def test_same_seed_gives_identical_metrics(project, tiny_mnist):
 def test_stopped_training_ends_the_run_with_epochs_logged_and_no_model(
     project, tiny_mnist, monkeypatch, error, status
 ):
-    original = fitting.KeepBestWeights.on_epoch_end
+    # The stop comes after epoch 2 has been logged (the progress line is the last callback).
+    original = fitting.EpochProgress.on_epoch_end
 
-    def stop_at_third_epoch(self, epoch, logs=None):
+    def stop_after_second_epoch(self, epoch, logs=None):
         original(self, epoch, logs)
         if epoch == 1:
             raise error("stopped by the test")
 
-    monkeypatch.setattr(fitting.KeepBestWeights, "on_epoch_end", stop_at_third_epoch)
+    monkeypatch.setattr(fitting.EpochProgress, "on_epoch_end", stop_after_second_epoch)
     with pytest.raises(error):
         train_run(compose(TINY))
 
