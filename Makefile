@@ -7,7 +7,7 @@ BIN    := $(VENV)/bin
 export PATH := $(abspath $(BIN)):$(PATH)
 
 .DEFAULT_GOAL := help
-.PHONY: help install dev team test test-cluster test-fast lint format demo repro bench ui server serve compare reproduce cluster cluster-stop clean
+.PHONY: help install dev team test test-team test-fast lint format demo repro bench ui server serve compare reproduce cluster cluster-stop clean
 
 help: ## List the targets
 	@grep -hE '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-13s %s\n", $$1, $$2}'
@@ -27,11 +27,11 @@ $(VENV)/.installed-dev: pyproject.toml $(VENV)/.installed
 install: $(VENV)/.installed ## Create .venv and install dlilabs
 dev: $(VENV)/.installed-dev ## Install dlilabs with the dev tools (pytest, ruff)
 
-test: dev ## Run every test but the SLURM ones (the README's and CI's test command)
-	$(PY) -m pytest -m "not slurm"
+test: dev ## Run every test but the team-scale ones (the README's and CI's test command)
+	$(PY) -m pytest -m "not slurm and not team"
 
-test-cluster: dev ## The SLURM tests, on the one-node cluster of `make cluster` (CI runs them too)
-	$(PY) -m pytest -m slurm
+test-team: dev ## The team-scale tests: SLURM (on `make cluster`'s cluster) and S3 (CI runs them too)
+	$(PY) -m pytest -m "slurm or team"
 
 test-fast: dev ## Skip the slow tests (dvc repro, servers, subprocess stages); tiny in-process training stays
 	$(PY) -m pytest -m "not slow"

@@ -33,6 +33,8 @@ UNCACHED = [
     f"models/{LAB}/run.json",
 ]  # fmt: skip
 
+pytestmark = pytest.mark.team  # `make test-team` (CI), not `make test`
+
 
 @pytest.fixture(scope="module")
 def moto(tmp_path_factory):

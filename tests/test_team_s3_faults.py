@@ -28,6 +28,8 @@ from s3env import (
 DVC = [sys.executable, "-m", "dvc"]
 GIT = ["git", "-c", "user.name=test", "-c", "user.email=test@example.org"]
 
+pytestmark = pytest.mark.team  # `make test-team` (CI), not `make test`
+
 
 @pytest.fixture(scope="module")
 def moto(tmp_path_factory):
