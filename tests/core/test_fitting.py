@@ -53,8 +53,7 @@ class StopAtEpochTwo(keras.callbacks.Callback):
 def test_an_epoch_the_lab_callbacks_saw_is_already_checkpointed(tmp_path):
     # The logger logs what its epoch_end sees: a stop right after it must not leave the
     # checkpoint an epoch behind, or the resumed run would train and log that epoch again.
-    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2, activation="softmax")])
-    model.compile(loss="categorical_crossentropy", metrics=["accuracy"])
+    model = tiny_model()
     rows = np.zeros((32, 4), dtype=np.float32)
     labels = keras.utils.to_categorical(np.arange(32) % 2, 2)
     batches = tf.data.Dataset.from_tensor_slices((rows, labels)).batch(16)
@@ -63,3 +62,18 @@ def test_an_epoch_the_lab_callbacks_saw_is_already_checkpointed(tmp_path):
         stop = [StopAtEpochTwo()]
         fit(model, lambda epoch: batches, batches, 4, "val_accuracy", stop, checkpoint=plan)
     assert load(plan.folder).epoch == 2
+
+
+def tiny_model() -> keras.Model:
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2, activation="softmax")])
+    model.compile(loss="categorical_crossentropy", metrics=["accuracy"])
+    return model
+
+
+def test_progress_counts_every_epoch_out_of_all_of_them(capsys):
+    rows = np.zeros((32, 4), dtype=np.float32)
+    labels = keras.utils.to_categorical(np.arange(32) % 2, 2)
+    batches = tf.data.Dataset.from_tensor_slices((rows, labels)).batch(16)
+    fit(tiny_model(), lambda epoch: batches, batches, 3, "val_accuracy")
+    shown = [line for line in capsys.readouterr().out.splitlines() if line.startswith("Epoch")]
+    assert shown == ["Epoch 1/3", "Epoch 2/3", "Epoch 3/3"]

@@ -60,12 +60,3 @@ def test_a_swallowed_stop_signal_still_stops_the_run_at_the_next_epoch(project):
     assert client.get_run(run.info.run_id).info.status == "KILLED"
     history = client.get_metric_history(run.info.run_id, "train/accuracy")
     assert [point.step for point in history] == [1]  # epoch 2 never started
-
-
-def test_progress_counts_every_epoch_out_of_all_of_them(capsys):
-    rows = np.zeros((32, 4), dtype=np.float32)
-    labels = keras.utils.to_categorical(np.arange(32) % 2, 2)
-    batches = tf.data.Dataset.from_tensor_slices((rows, labels)).batch(16)
-    fit(tiny_model(), lambda epoch: batches, batches, 3, "val_accuracy")
-    shown = [line for line in capsys.readouterr().out.splitlines() if line.startswith("Epoch")]
-    assert shown == ["Epoch 1/3", "Epoch 2/3", "Epoch 3/3"]
