@@ -94,6 +94,19 @@ def command_env(drop: tuple[str, ...] = (), **extra: str) -> dict[str, str]:
     return env
 
 
+def tiny_classifier():
+    """(model, batches): a compiled 4-input, 2-class softmax model and 32 rows for it, as a
+    tf.data dataset of 2 batches, for tests of the fitting loop itself."""
+    import keras
+    import tensorflow as tf
+
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2, activation="softmax")])
+    model.compile(loss="categorical_crossentropy", metrics=["accuracy"])
+    rows = np.random.default_rng(0).random((32, 4), dtype=np.float32)
+    labels = keras.utils.to_categorical(np.arange(32) % 2, 2)
+    return model, tf.data.Dataset.from_tensor_slices((rows, labels)).batch(16)
+
+
 def store_runs(project: Path, experiment: str = "dlilabs") -> list:
     """Every run of `experiment` in the project's SQLite store (mlflow.db), as Run objects."""
     import mlflow

@@ -2,10 +2,9 @@
 checkpoint behind what was logged."""
 
 import keras
-import numpy as np
 import pytest
-import tensorflow as tf
 
+from conftest import tiny_classifier
 from dlilabs.core.checkpoint import Plan, load
 from dlilabs.core.fitting import fit, history_row, summary_metrics
 
@@ -53,10 +52,7 @@ class StopAtEpochTwo(keras.callbacks.Callback):
 def test_an_epoch_the_lab_callbacks_saw_is_already_checkpointed(tmp_path):
     # The logger logs what its epoch_end sees: a stop right after it must not leave the
     # checkpoint an epoch behind, or the resumed run would train and log that epoch again.
-    model = tiny_model()
-    rows = np.zeros((32, 4), dtype=np.float32)
-    labels = keras.utils.to_categorical(np.arange(32) % 2, 2)
-    batches = tf.data.Dataset.from_tensor_slices((rows, labels)).batch(16)
+    model, batches = tiny_classifier()
     plan = Plan(tmp_path / "checkpoint")
     with pytest.raises(KeyboardInterrupt):
         stop = [StopAtEpochTwo()]
@@ -64,16 +60,8 @@ def test_an_epoch_the_lab_callbacks_saw_is_already_checkpointed(tmp_path):
     assert load(plan.folder).epoch == 2
 
 
-def tiny_model() -> keras.Model:
-    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2, activation="softmax")])
-    model.compile(loss="categorical_crossentropy", metrics=["accuracy"])
-    return model
-
-
 def test_progress_counts_every_epoch_out_of_all_of_them(capsys):
-    rows = np.zeros((32, 4), dtype=np.float32)
-    labels = keras.utils.to_categorical(np.arange(32) % 2, 2)
-    batches = tf.data.Dataset.from_tensor_slices((rows, labels)).batch(16)
-    fit(tiny_model(), lambda epoch: batches, batches, 3, "val_accuracy")
+    model, batches = tiny_classifier()
+    fit(model, lambda epoch: batches, batches, 3, "val_accuracy")
     shown = [line for line in capsys.readouterr().out.splitlines() if line.startswith("Epoch")]
     assert shown == ["Epoch 1/3", "Epoch 2/3", "Epoch 3/3"]

@@ -8,10 +8,9 @@ import weakref
 
 import keras
 import mlflow
-import numpy as np
 import pytest
-import tensorflow as tf
 
+from conftest import tiny_classifier
 from dlilabs.core.fitting import fit
 from dlilabs.ground.config import compose
 from dlilabs.tracking.labrun import EpochLogger, lab_run
@@ -40,22 +39,14 @@ class StopSignalInsideAWeakrefCallback(keras.callbacks.Callback):
         assert reference() is None
 
 
-def tiny_model() -> keras.Model:
-    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2, activation="softmax")])
-    model.compile(loss="categorical_crossentropy", metrics=["accuracy"])
-    return model
-
-
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # what is swallowed
 def test_a_swallowed_stop_signal_still_stops_the_run_at_the_next_epoch(project):
     connect(compose().tracking)
-    rows = np.random.default_rng(0).random((64, 4), dtype=np.float32)
-    labels = keras.utils.to_categorical(np.arange(64) % 2, 2)
-    batches = tf.data.Dataset.from_tensor_slices((rows, labels)).batch(16)
+    model, batches = tiny_classifier()
     logger = EpochLogger()
     with pytest.raises(KeyboardInterrupt), lab_run("stopped", {"lab": "tiny"}) as run:
         callbacks = [StopSignalInsideAWeakrefCallback(), logger]
-        fit(tiny_model(), lambda epoch: batches, batches, 5, "val_accuracy", callbacks)
+        fit(model, lambda epoch: batches, batches, 5, "val_accuracy", callbacks)
     client = mlflow.MlflowClient()
     assert client.get_run(run.info.run_id).info.status == "KILLED"
     history = client.get_metric_history(run.info.run_id, "train/accuracy")
