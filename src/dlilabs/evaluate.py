@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
-import pandas as pd
 from omegaconf import DictConfig
 
 from dlilabs import tracking
@@ -33,9 +32,9 @@ if TYPE_CHECKING:
 log = logging.getLogger("dlilabs.evaluate")
 
 
-def load_trained(model_dir: Path) -> tuple[keras.Model, dict]:
-    """The saved model (safe mode: no arbitrary code) and the train stage's run.json; either
-    missing or damaged is one UserError naming it and the way back."""
+def read_run_info(model_dir: Path) -> dict:
+    """The train stage's run.json beside `model.keras` in `model_dir`; either missing, or
+    run.json damaged, is one UserError naming it and the way back (read without Keras)."""
     model_file, run_file = model_dir / "model.keras", model_dir / "run.json"
     stage = f"train@{model_dir.name}"
     run_info = read_json(run_file, stage, cached=False)  # run.json is not in DVC's cache
@@ -44,11 +43,18 @@ def load_trained(model_dir: Path) -> tuple[keras.Model, dict]:
             f"{shown(run_file)} is damaged: it names no MLflow run (run_id); "
             f"{way_back(run_file, stage, cached=False)}"
         )
-    # Keras (and TensorFlow, ~3 s) and scikit-learn load when the stage needs them: `--help`
-    # and a config or missing-file error answer at once.
+    if not model_file.is_file():
+        raise UserError(f"{shown(model_file)} does not exist: run `dvc repro {stage}` first")
+    return run_info
+
+
+def load_trained(model_dir: Path) -> keras.Model:
+    """The saved model (safe mode: no arbitrary code); damaged is a UserError naming it."""
+    # Keras (and TensorFlow, ~4 s) loads when the stage needs it: `--help` and a config or
+    # missing-file error answer at once.
     from dlilabs.core.models import load_keras_file
 
-    return load_keras_file(model_file, stage), run_info
+    return load_keras_file(model_dir / "model.keras", f"train@{model_dir.name}")
 
 
 def check_fits(model: keras.Model, images: np.ndarray, num_classes: int, where: str) -> None:
@@ -130,86 +136,104 @@ def class_report(
 ) -> tuple[np.ndarray, dict[str, float]]:
     """Confusion matrix (classes, classes) with rows = actual, and accuracy per class name
     (recall; NaN-free: a class absent from `labels` gets 0.0)."""
-    from sklearn.metrics import confusion_matrix
-
-    matrix = confusion_matrix(labels, predictions, labels=range(len(class_names)))
+    classes = len(class_names)
+    labels, predictions = np.asarray(labels, np.int64), np.asarray(predictions, np.int64)
+    known = (labels >= 0) & (labels < classes) & (predictions >= 0) & (predictions < classes)
+    pairs = labels[known] * classes + predictions[known]
+    matrix = np.bincount(pairs, minlength=classes * classes).reshape(classes, classes)
     totals = matrix.sum(axis=1)
     per_class = np.divide(matrix.diagonal(), totals, out=np.zeros(len(totals)), where=totals > 0)
     return matrix, {name: float(value) for name, value in zip(class_names, per_class, strict=True)}
 
 
 def evaluate_lab(cfg: DictConfig) -> dict:
-    """Score the lab's model on both splits, write metrics.json and confusion.csv, log to the
-    lab's MLflow run. Returns the metrics dict written to metrics.json."""
-    from dlilabs.core.data import load_split
+    """Score the lab's model on both splits, write metrics.json, class_accuracy.csv and
+    confusion.csv, draw the figures and log them all to the lab's MLflow run. Returns the
+    metrics dict written to metrics.json.
 
-    model, run_info = load_trained(Path(cfg.paths.model_dir))
-    tracking.connect(cfg.tracking)
-    # Any failure from here on is recorded as the run's eval.status, not its status.
-    with tracking.evaluation_of(run_info["run_id"]) as client:
-        prepared, eval_dir = Path(cfg.paths.prepared_dir), Path(cfg.paths.eval_dir)
-        class_names = [str(name) for name in cfg.dataset.class_names]
-        num_classes = len(class_names)
-        x_train, y_train = load_split(prepared / "train.npz")
-        x_val, y_val = load_split(prepared / "val.npz")
-        where = f"{cfg.paths.model_dir}/model.keras on {prepared}"
-        check_fits(model, x_val, num_classes, where)
-        check_fits(model, x_train, num_classes, where)
-        # One compiled step for both splits, each split one pass; a call takes as many images
-        # as a training call (batch_size x steps_per_execution): in inference mode images do
-        # not affect each other, so bigger batches give the same numbers, with less Python.
-        per_call = cfg.trainer.batch_size * cfg.trainer.steps_per_execution
-        scoring = {"batch_size": per_call, "step": scorer(model, cfg.trainer.loss)}
-        train_loss, train_accuracy, _ = score(model, x_train, y_train, num_classes, **scoring)
-        val_loss, val_accuracy, predictions = score(model, x_val, y_val, num_classes, **scoring)
-        matrix, per_class = class_report(y_val, predictions, class_names)
-        metrics = {
-            "train": {"loss": train_loss, "accuracy": train_accuracy},
-            "val": {"loss": val_loss, "accuracy": val_accuracy},
-            # The saved (best-epoch) model's overfitting gap, both splits scored without dropout
-            # or augmentation: comparable across labs.
-            "gap": {"accuracy": train_accuracy - val_accuracy, "loss": val_loss - train_loss},
-            "best_epoch": run_info.get("best_epoch"),
-        }
-        write_json(eval_dir / "metrics.json", metrics)
-        # Per-class accuracy is a chart (24 columns would swamp `dvc metrics show`).
-        with atomic_path(eval_dir / "class_accuracy.csv") as temporary:
-            pd.DataFrame({"class": list(per_class), "accuracy": list(per_class.values())}).to_csv(
-                temporary, index=False
-            )
-        names = np.asarray(class_names)
-        with atomic_path(eval_dir / "confusion.csv") as temporary:
-            pd.DataFrame({"actual": names[y_val], "predicted": names[predictions]}).to_csv(
-                temporary, index=False
-            )
-        from dlilabs.core import plots  # matplotlib is imported by the stages that draw, only
+    The MLflow side (import, connect, the run's eval.status, then the logging) runs in a
+    process of its own while this one loads Keras and scores (`tracking.aside`)."""
+    model_dir = Path(cfg.paths.model_dir)
+    run_info = read_run_info(model_dir)
 
-        figures = plots.write_eval_figures(
-            cfg, matrix, (x_train, y_train), val_accuracy, run_info.get("best_epoch")
-        )
+    def work(receive) -> None:  # MLflow loads in the process that runs it, only
+        tracking.record_evaluation(cfg, run_info, receive)
 
-        logged = {f"eval/{split}_{name}": value for split in ("train", "val", "gap")
-                  for name, value in metrics[split].items()}  # fmt: skip
-        logged.update({f"eval/class_accuracy/{name}": value for name, value in per_class.items()})
-        files = [eval_dir / name for name in ("metrics.json", "class_accuracy.csv")]
-        tracking.log_evaluation(
-            client, run_info["run_id"], logged, matrix, class_names, files, figures
-        )
-        tracking.log_eval_datasets(client, run_info["run_id"], cfg)
-        if run_info.get("registered_version"):
-            tracking.update_champion(
-                client, run_info["registered_model"], run_info["registered_version"]
-            )
-        tracking.update_card(client, cfg, run_info)  # now with the confusion matrix
+    # Any failure in the block is recorded as the run's eval.status, not its status.
+    with tracking.aside(work) as send:
+        model = load_trained(model_dir)
+        metrics, logged = score_and_write(cfg, model, run_info)
+        send(logged)
     log.info(
         "%s: val accuracy %.4f, train accuracy %.4f, gap %.4f (run %s)",
         cfg.lab,
-        val_accuracy,
-        train_accuracy,
+        metrics["val"]["accuracy"],
+        metrics["train"]["accuracy"],
         metrics["gap"]["accuracy"],
         run_info["run_id"],
     )
     return metrics
+
+
+def score_and_write(cfg: DictConfig, model: keras.Model, run_info: dict) -> tuple[dict, dict]:
+    """Score `model` on the prepared splits; write the eval outputs and figures. Returns
+    (metrics.json's content, what `tracking.log_evaluation` logs: metrics by MLflow name, the
+    confusion matrix (classes, classes), the class names, the files and the figures)."""
+    import pandas as pd  # loaded with Keras anyway; not before the MLflow side forks
+
+    from dlilabs.core.data import load_split
+
+    prepared, eval_dir = Path(cfg.paths.prepared_dir), Path(cfg.paths.eval_dir)
+    class_names = [str(name) for name in cfg.dataset.class_names]
+    num_classes = len(class_names)
+    x_train, y_train = load_split(prepared / "train.npz")
+    x_val, y_val = load_split(prepared / "val.npz")
+    where = f"{cfg.paths.model_dir}/model.keras on {prepared}"
+    check_fits(model, x_val, num_classes, where)
+    check_fits(model, x_train, num_classes, where)
+    # One compiled step for both splits, each split one pass; a call takes as many images
+    # as a training call (batch_size x steps_per_execution): in inference mode images do
+    # not affect each other, so bigger batches give the same numbers, with less Python.
+    per_call = cfg.trainer.batch_size * cfg.trainer.steps_per_execution
+    scoring = {"batch_size": per_call, "step": scorer(model, cfg.trainer.loss)}
+    train_loss, train_accuracy, _ = score(model, x_train, y_train, num_classes, **scoring)
+    val_loss, val_accuracy, predictions = score(model, x_val, y_val, num_classes, **scoring)
+    matrix, per_class = class_report(y_val, predictions, class_names)
+    metrics = {
+        "train": {"loss": train_loss, "accuracy": train_accuracy},
+        "val": {"loss": val_loss, "accuracy": val_accuracy},
+        # The saved (best-epoch) model's overfitting gap, both splits scored without dropout
+        # or augmentation: comparable across labs.
+        "gap": {"accuracy": train_accuracy - val_accuracy, "loss": val_loss - train_loss},
+        "best_epoch": run_info.get("best_epoch"),
+    }
+    write_json(eval_dir / "metrics.json", metrics)
+    # Per-class accuracy is a chart (24 columns would swamp `dvc metrics show`).
+    with atomic_path(eval_dir / "class_accuracy.csv") as temporary:
+        pd.DataFrame({"class": list(per_class), "accuracy": list(per_class.values())}).to_csv(
+            temporary, index=False
+        )
+    names = np.asarray(class_names)
+    with atomic_path(eval_dir / "confusion.csv") as temporary:
+        pd.DataFrame({"actual": names[y_val], "predicted": names[predictions]}).to_csv(
+            temporary, index=False
+        )
+    from dlilabs.core import plots  # matplotlib is imported by the stages that draw, only
+
+    figures = plots.write_eval_figures(
+        cfg, matrix, (x_train, y_train), val_accuracy, run_info.get("best_epoch")
+    )
+    logged = {f"eval/{split}_{name}": value for split in ("train", "val", "gap")
+              for name, value in metrics[split].items()}  # fmt: skip
+    logged.update({f"eval/class_accuracy/{name}": value for name, value in per_class.items()})
+    files = [eval_dir / name for name in ("metrics.json", "class_accuracy.csv")]
+    return metrics, {
+        "metrics": logged,
+        "matrix": matrix,
+        "class_names": class_names,
+        "files": files,
+        "figures": figures,
+    }
 
 
 def run(cfg: DictConfig) -> dict:

@@ -126,3 +126,27 @@ def test_the_users_log_level_is_kept(tmp_path, level):
     assert done.returncode == 0, done.stderr
     # Level 0 shows absl's info lines too; 3 hides them (and the pre-init notice) all.
     assert done.stderr == (NOISE if level == "0" else "")
+
+
+def test_keras_loads_without_scikit_learn_which_still_imports_after():
+    code = """\
+        import sys
+        from dlilabs.ground.startup import KerasWithoutScikitLearn, quiet_tensorflow_startup
+        quiet_tensorflow_startup()
+        import keras
+        print("sklearn" in sys.modules, type(keras.__loader__).__name__,
+              any(isinstance(f, KerasWithoutScikitLearn) for f in sys.meta_path))
+        model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
+        print(model.predict(keras.ops.ones((1, 3)), verbose=0).shape)
+        from sklearn.metrics import confusion_matrix
+        print(confusion_matrix([0, 1], [0, 0]).tolist())
+        """
+    done = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == [
+        "False SourceFileLoader False",  # loaded without it, no trace of the hook left
+        "(1, 2)",
+        "[[1, 0], [1, 0]]",
+    ]

@@ -6,6 +6,7 @@
     modellog    the logged (and registered) model, without MLflow's extra checks
     reconcile   runs' owners and heartbeats; ending runs whose process is gone
     evaluation  what evaluate records in the train run, without touching its status
+    forked      `aside`: a stage's MLflow side in a forked process, beside its TensorFlow work
     registry    the `champion` alias; loading registered models
     lineage     datasets as MLflow inputs tied to DVC, the tags `reproduce` replays
     dvcdata     what identifies a prepared split: content digest, DVC md5, dvc.lock state
@@ -43,6 +44,8 @@ _EXPORTS = {
     "flatten_config": "labrun",
     "evaluation_of": "evaluation",
     "log_evaluation": "evaluation",
+    "record_evaluation": "evaluation",
+    "aside": "forked",
     "update_champion": "registry",
     "lineage_tags": "lineage",
     "log_datasets": "lineage",

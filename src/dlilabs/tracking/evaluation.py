@@ -29,10 +29,11 @@ def evaluation_of(run_id: str) -> Iterator[MlflowClient]:
     try:
         yield client
     except BaseException as error:
-        reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        kind = getattr(error, "kind", type(error).__name__)  # aside.StageFailed: the stage's
+        reason = (str(error).strip().splitlines() or [kind])[0]
         with contextlib.suppress(Exception):  # the store may be what failed: keep the cause
             client.set_tag(run_id, "eval.status", "failed")
-            client.set_tag(run_id, "eval.error", f"{type(error).__name__}: {reason}"[:4000])
+            client.set_tag(run_id, "eval.error", f"{kind}: {reason}"[:4000])
         raise
     retry_if_locked(client.set_tag, run_id, "eval.status", "finished")
     with contextlib.suppress(Exception):
@@ -63,3 +64,24 @@ def log_evaluation(
         client.log_artifact(run_id, str(path), "evaluation")
     for path in figures:
         client.log_artifact(run_id, str(path), "plots")
+
+
+def record_evaluation(cfg, run_info: dict, receive) -> None:
+    """The evaluate stage's MLflow side (`aside`'s work): connect, mark the train run
+    `run_info["run_id"]` as being evaluated, then log what `receive()` returns (the keyword
+    arguments of `log_evaluation` but the client and run id), the evaluation datasets, the
+    champion alias and the model card; a failure of the stage (`receive()` raises) is
+    recorded as the run's eval.status and eval.error."""
+    from dlilabs.tracking.cards import update_card
+    from dlilabs.tracking.lineage import log_eval_datasets
+    from dlilabs.tracking.registry import update_champion
+    from dlilabs.tracking.store import connect
+
+    run_id = run_info["run_id"]
+    connect(cfg.tracking)
+    with evaluation_of(run_id) as client:
+        log_evaluation(client, run_id, **receive())
+        log_eval_datasets(client, run_id, cfg)
+        if run_info.get("registered_version"):
+            update_champion(client, run_info["registered_model"], run_info["registered_version"])
+        update_card(client, cfg, run_info)  # now with the confusion matrix
