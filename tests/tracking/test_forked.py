@@ -87,15 +87,22 @@ def test_the_works_errors_come_back_to_the_stage(tmp_path):
     result = run_case(
         tmp_path,
         """
-        for problem in (UserError("the store is read-only: chmod u+w it"), KeyError("bug")):
-            def work(receive, problem=problem):
-                receive()
-                raise problem
+        problems = [
+            ("UserError", UserError("the store is read-only: chmod u+w it"), True),
+            ("KeyError", KeyError("bug"), True),
+            ("early", UserError("no tracking server at http://127.0.0.1:9"), False),
+        ]
+        for name, problem, after_receive in problems:
+            def work(receive, problem=problem, after_receive=after_receive):
+                if after_receive:
+                    receive()
+                raise problem  # before receive: gone before the stage sends
             try:
                 with aside(work) as send:
-                    send(1)
+                    time.sleep(0 if after_receive else 1)
+                    send(list(range(100_000)))  # more than a pipe holds
             except Exception as error:
-                note(type(problem).__name__, [type(error).__name__, str(error)])
+                note(name, [type(error).__name__, str(error)])
         """,
     )
     assert result.returncode == 0, result.stderr
@@ -104,6 +111,8 @@ def test_the_works_errors_come_back_to_the_stage(tmp_path):
     kind, text = json.loads((tmp_path / "KeyError").read_text())
     assert kind == "RuntimeError" and "MLflow side failed" in text
     assert "KeyError: 'bug'" in text  # the other side's traceback, for whoever debugs it
+    early = json.loads((tmp_path / "early").read_text())
+    assert early == ["UserError", "no tracking server at http://127.0.0.1:9"]
 
 
 def test_a_stage_process_that_dies_is_seen_by_the_work(tmp_path):

@@ -139,9 +139,13 @@ def aside(work: Callable[[Callable[[], object]], None]) -> Iterator[Callable[[ob
 
     def send(payload: object) -> None:
         nonlocal sent
-        _write_all(message_write, pickle.dumps(("done", payload)))
-        os.close(message_write)
         sent = True
+        try:
+            _write_all(message_write, pickle.dumps(("done", payload)))
+        except BrokenPipeError:  # the other side is gone: its outcome, read below, says why
+            pass
+        finally:
+            os.close(message_write)
 
     try:
         try:
