@@ -115,8 +115,6 @@ def log_keras_model(
                     # The wrapper's code is dlilabs': serve from its environment
                     # (`mlflow models serve --env-manager local`, README "Serving").
                     pip_requirements=requirements,
-                    # MLflow's check of the input example through the loaded wrapper stays
-                    # on here (~0.3 s): it runs dlilabs' own serving code once at log time.
                 )
             outputs = np.asarray(model(sample_inputs, training=False))
             return Model.log(
