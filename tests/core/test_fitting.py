@@ -1,6 +1,8 @@
 """fitting: the run's summary numbers mean what their names say; a stop never leaves the
 checkpoint behind what was logged."""
 
+import logging
+
 import keras
 import pytest
 
@@ -65,3 +67,13 @@ def test_progress_counts_every_epoch_out_of_all_of_them(capsys):
     fit(model, lambda epoch: batches, batches, 3, "val_accuracy")
     shown = [line for line in capsys.readouterr().out.splitlines() if line.startswith("Epoch")]
     assert shown == ["Epoch 1/3", "Epoch 2/3", "Epoch 3/3"]
+
+
+def test_a_sweep_of_new_models_in_one_process_prints_no_retracing_advice(caplog):
+    # Each job of an in-process sweep builds a new model, whose step is traced once; from
+    # the fifth on TensorFlow would warn about "retracing" (seen in a 7-job sweep's output).
+    with caplog.at_level(logging.WARNING):
+        for _ in range(7):
+            model, batches = tiny_classifier()
+            fit(model, batches, batches, 1, "val_accuracy")
+    assert not [record for record in caplog.records if "retracing" in record.getMessage()]

@@ -117,6 +117,16 @@ class KeepBestWeights(keras.callbacks.Callback):
             self.model.set_weights(self.best_weights)
 
 
+class NewModelRetracing(logging.Filter):
+    """Drops TensorFlow's "N out of the last M calls to <function ...> triggered tf.function
+    retracing" warning: in a sweep run in one process every job builds a new model, whose
+    training step is traced once, as it must be; from the fifth job on, TensorFlow would
+    print that advice to the user twice per job."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "triggered tf.function retracing" not in record.getMessage()
+
+
 class EpochProgress(keras.callbacks.ProgbarLogger):
     """Keras' progress bar (or one line per epoch), numbered out of all `total` epochs while
     `fit` is called once per epoch (Keras alone would print "Epoch 3/3", then "Epoch 4/4")."""
@@ -153,6 +163,9 @@ def fit(
     `checkpoint` (dlilabs.core.checkpoint.Plan; needs `train_data` by epoch): write an epoch
     checkpoint after every epoch and, if the plan has one to resume, start after its epoch
     with its variables, history and best epoch."""
+    tensorflow_logger = logging.getLogger("tensorflow")
+    if not any(isinstance(each, NewModelRetracing) for each in tensorflow_logger.filters):
+        tensorflow_logger.addFilter(NewModelRetracing())
     history = EpochHistory()
     best = KeepBestWeights(monitor)
     # One line per epoch when logs go to a file (DVC, SLURM); a live bar in a terminal.
