@@ -173,3 +173,25 @@ def test_the_evaluate_command_records_a_failure_found_while_scoring(project, tin
         run.data.metrics["eval/gap_accuracy"],
         written["train"]["accuracy"] - written["val"]["accuracy"],
     )
+
+
+def test_a_block_that_sends_nothing_is_a_programming_error_the_work_sees(tmp_path):
+    result = run_case(
+        tmp_path,
+        """
+        def work(receive):
+            try:
+                receive()
+            except Exception as error:
+                note("work_saw", str(error))
+        try:
+            with aside(work) as send:
+                pass
+        except RuntimeError as error:
+            note("stage_saw", str(error))
+        """,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "without send()" in json.loads((tmp_path / "stage_saw").read_text())
+    # The stage waited for the other side, which had seen it stop.
+    assert "stopped before it was done" in json.loads((tmp_path / "work_saw").read_text())

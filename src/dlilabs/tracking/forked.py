@@ -139,6 +139,8 @@ def aside(work: Callable[[Callable[[], object]], None]) -> Iterator[Callable[[ob
 
     def send(payload: object) -> None:
         nonlocal sent
+        if sent:
+            raise RuntimeError("aside: send() is called once")
         sent = True
         try:
             _write_all(message_write, pickle.dumps(("done", payload)))
@@ -148,26 +150,22 @@ def aside(work: Callable[[Callable[[], object]], None]) -> Iterator[Callable[[ob
             os.close(message_write)
 
     try:
-        try:
-            yield send
-        except BaseException as error:
-            if not sent:
-                with contextlib.suppress(OSError):
-                    failure = _failure(error)
-                    _write_all(
-                        message_write, pickle.dumps(("failed", (failure.kind, str(failure))))
-                    )
-                    os.close(message_write)
-                    sent = True
-            _wait(pid, results_read)  # its record of the failure, before the stage stops
-            raise
-        if not sent:
-            raise RuntimeError("aside: the block ended without send()")
-        _raise(*_wait(pid, results_read))
-    finally:
-        if not sent:
+        yield send
+    except BaseException as error:
+        if not sent:  # the other side records the failure, then exits
+            sent = True
+            failure = _failure(error)
             with contextlib.suppress(OSError):
-                os.close(message_write)
+                message = pickle.dumps(("failed", (failure.kind, str(failure))))
+                _write_all(message_write, message)
+            os.close(message_write)
+        _wait(pid, results_read)
+        raise
+    if not sent:
+        os.close(message_write)
+        _wait(pid, results_read)
+        raise RuntimeError("aside: the block ended without send()")
+    _raise(*_wait(pid, results_read))
 
 
 def _wait(pid: int, results: int) -> tuple[str, str]:
