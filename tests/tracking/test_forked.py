@@ -24,6 +24,11 @@ from dlilabs.tracking import aside
 out = pathlib.Path(sys.argv[1])
 def note(name, value):
     (out / name).write_text(json.dumps(value))
+def work_noting_failure(receive):  # notes what receive() raised, as "work_saw"
+    try:
+        receive()
+    except Exception as error:
+        note("work_saw", str(error))
 """
 
 
@@ -119,12 +124,7 @@ def test_a_stage_process_that_dies_is_seen_by_the_work(tmp_path):
     result = run_case(
         tmp_path,
         """
-        def work(receive):
-            try:
-                receive()
-            except Exception as error:
-                note("work_saw", str(error))
-        with aside(work) as send:
+        with aside(work_noting_failure) as send:
             os._exit(3)  # killed: no send, no clean-up
         """,
     )
@@ -132,6 +132,23 @@ def test_a_stage_process_that_dies_is_seen_by_the_work(tmp_path):
     deadline = time.monotonic() + 20  # the work outlives the stage by a moment
     while not (tmp_path / "work_saw").exists() and time.monotonic() < deadline:
         time.sleep(0.05)
+    assert "stopped before it was done" in json.loads((tmp_path / "work_saw").read_text())
+
+
+def test_a_block_that_sends_nothing_is_a_programming_error_the_work_sees(tmp_path):
+    result = run_case(
+        tmp_path,
+        """
+        try:
+            with aside(work_noting_failure) as send:
+                pass
+        except RuntimeError as error:
+            note("stage_saw", str(error))
+        """,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "without send()" in json.loads((tmp_path / "stage_saw").read_text())
+    # The stage waited for the other side, which had seen it stop.
     assert "stopped before it was done" in json.loads((tmp_path / "work_saw").read_text())
 
 
@@ -173,25 +190,3 @@ def test_the_evaluate_command_records_a_failure_found_while_scoring(project, tin
         run.data.metrics["eval/gap_accuracy"],
         written["train"]["accuracy"] - written["val"]["accuracy"],
     )
-
-
-def test_a_block_that_sends_nothing_is_a_programming_error_the_work_sees(tmp_path):
-    result = run_case(
-        tmp_path,
-        """
-        def work(receive):
-            try:
-                receive()
-            except Exception as error:
-                note("work_saw", str(error))
-        try:
-            with aside(work) as send:
-                pass
-        except RuntimeError as error:
-            note("stage_saw", str(error))
-        """,
-    )
-    assert result.returncode == 0, result.stderr
-    assert "without send()" in json.loads((tmp_path / "stage_saw").read_text())
-    # The stage waited for the other side, which had seen it stop.
-    assert "stopped before it was done" in json.loads((tmp_path / "work_saw").read_text())
