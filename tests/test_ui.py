@@ -110,12 +110,16 @@ def browser(tmp_path_factory):
 
 
 def wait_for(driver, condition, what: str, seconds: float = 60):
-    """Wait until `condition(driver)` is truthy; on timeout, save a screenshot and fail."""
-    from selenium.common.exceptions import TimeoutException
+    """Wait until `condition(driver)` is truthy; on timeout, save a screenshot and fail. An
+    element the page re-rendered between finding and reading it counts as not there yet."""
+    from selenium.common.exceptions import StaleElementReferenceException, TimeoutException
     from selenium.webdriver.support.ui import WebDriverWait
 
     try:
-        return WebDriverWait(driver, seconds, poll_frequency=0.5).until(condition)
+        wait = WebDriverWait(
+            driver, seconds, poll_frequency=0.5, ignored_exceptions=[StaleElementReferenceException]
+        )
+        return wait.until(condition)
     except TimeoutException:
         driver.save_screenshot(str(SHOTS / "failure.png"))
         pytest.fail(f"{what} not visible within {seconds:.0f} s (see {SHOTS / 'failure.png'})")
@@ -211,15 +215,22 @@ def test_run_page_shows_the_gap_metric(ui, store, browser):
     browser.get(f"{ui[0]}/#/experiments/{experiment_id}/runs/{run.info.run_id}")
     wait_for(browser, visible_text(run.info.run_name), "the run's title")
     close_assistant(browser)
-    gap = wait_for(browser, visible_text("gap/accuracy"), "metric gap/accuracy")
-    browser.execute_script("arguments[0].scrollIntoView({block: 'center'})", gap)
+    find_gap = visible_text("gap/accuracy")
+
+    def gap_row(driver):  # found afresh each try: the page may re-render in between
+        gap = find_gap(driver)
+        if not gap:
+            return False
+        driver.execute_script("arguments[0].scrollIntoView({block: 'center'})", gap)
+        return driver.execute_script(
+            "return Array.from(arguments[0].closest('[role=row]').querySelectorAll('[role=cell]'))"
+            ".map(cell => cell.innerText.trim())",
+            gap,
+        )
+
     # The metrics table's row of gap/accuracy: its value, as the UI rounds it, is the
     # logged last value to the digits shown (at least three decimals).
-    row = browser.execute_script(
-        "return Array.from(arguments[0].closest('[role=row]').querySelectorAll('[role=cell]'))"
-        ".map(cell => cell.innerText.trim())",
-        gap,
-    )
+    row = wait_for(browser, gap_row, "metric gap/accuracy")
     key, shown = row[:2]  # then the model the metric belongs to, if any
     value = run.data.metrics["gap/accuracy"]
     exponent = Decimal(shown).as_tuple().exponent  # -3 for 0.052, -4 for 1.2e-3
