@@ -67,7 +67,8 @@ def worth_showing(text: str, level: int) -> str:
     return "".join(line for line in text.splitlines(keepends=True) if noise.keep(line))
 
 
-def _write_all(sink: int, data: bytes) -> None:
+def write_all(sink: int, data: bytes) -> None:
+    """Write all of `data` to file descriptor `sink` (os.write may take part of it)."""
     while data:
         data = data[os.write(sink, data) :]
 
@@ -79,9 +80,9 @@ def forward(source: int, sink: int, level: int) -> None:
     while chunk := os.read(source, 65536):
         *lines, pending = (pending + chunk).split(b"\n")
         kept = [line + b"\n" for line in lines if noise.keep(line.decode(errors="replace"))]
-        _write_all(sink, b"".join(kept))
+        write_all(sink, b"".join(kept))
     if pending and noise.keep(pending.decode(errors="replace")):
-        _write_all(sink, pending)
+        write_all(sink, pending)
 
 
 @contextlib.contextmanager

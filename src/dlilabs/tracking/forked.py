@@ -29,6 +29,7 @@ import traceback
 from collections.abc import Callable, Iterator
 
 from dlilabs.ground.errors import UserError
+from dlilabs.ground.startup import write_all
 
 _NOTHING = object()
 
@@ -78,11 +79,6 @@ def _read_all(descriptor: int) -> bytes:
     return b"".join(chunks)
 
 
-def _write_all(descriptor: int, data: bytes) -> None:
-    while data:
-        data = data[os.write(descriptor, data) :]
-
-
 def _raise(kind: str, text: str) -> None:
     if kind == "user":
         raise UserError(text)
@@ -126,7 +122,7 @@ def aside(work: Callable[[Callable[[], object]], None]) -> Iterator[Callable[[ob
                     raise StageFailed(*payload)
                 return payload
 
-            _write_all(results_write, pickle.dumps(_outcome(work, receive)))
+            write_all(results_write, pickle.dumps(_outcome(work, receive)))
             status = 0
         finally:
             with contextlib.suppress(Exception):
@@ -143,7 +139,7 @@ def aside(work: Callable[[Callable[[], object]], None]) -> Iterator[Callable[[ob
             raise RuntimeError("aside: send() is called once")
         sent = True
         try:
-            _write_all(message_write, pickle.dumps(("done", payload)))
+            write_all(message_write, pickle.dumps(("done", payload)))
         except BrokenPipeError:  # the other side is gone: its outcome, read below, says why
             pass
         finally:
@@ -157,7 +153,7 @@ def aside(work: Callable[[Callable[[], object]], None]) -> Iterator[Callable[[ob
             failure = _failure(error)
             with contextlib.suppress(OSError):
                 message = pickle.dumps(("failed", (failure.kind, str(failure))))
-                _write_all(message_write, message)
+                write_all(message_write, message)
             os.close(message_write)
         _wait(pid, results_read)
         raise
