@@ -1,6 +1,6 @@
 """`make bench` section `repro`: a whole `dvc repro`, timed end to end once; epochs vs the rest.
 
-    python scripts/bench.py repro                      # ~25 min on a 2-core CPU machine
+    python scripts/bench.py repro                      # ~12 min on a 2-core CPU machine
     SOURCE=<older checkout> python scripts/bench_repro.py   # the same for its conf/, src/
 
 Not in the default `make bench` run (it trains every lab for its full epochs). In a scratch
