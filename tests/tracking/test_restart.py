@@ -5,6 +5,7 @@ numbers of a run that was never stopped."""
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -14,8 +15,12 @@ import mlflow
 import pytest
 
 from conftest import stage_env, store_runs, write_prepared
+from dlilabs.core import checkpoint
 from dlilabs.ground.config import compose
-from dlilabs.tracking.restart import checkpoint_folder, config_digest
+from dlilabs.ground.io import write_json
+from dlilabs.tracking.labrun import lab_run
+from dlilabs.tracking.restart import checkpoint_folder, config_digest, restartable
+from dlilabs.tracking.store import connect
 
 pytestmark = pytest.mark.slow
 
@@ -61,7 +66,32 @@ def stop_after(process: subprocess.Popen, folder, epoch: int, stop: signal.Signa
     process.send_signal(stop)
     output = process.communicate(timeout=120)[0]
     assert process.returncode != 0, output
+    assert (folder / "state.json").is_file(), f"the stopped run left no checkpoint:\n{output}"
     return json.loads((folder / "state.json").read_text())["epoch"]
+
+
+def test_a_stop_signal_that_comes_back_as_another_error_keeps_the_checkpoint(project):
+    # The signal's KeyboardInterrupt is raised wherever the process is; a library around that
+    # place (TensorFlow calling back into Python, say) may turn it into an error of its own.
+    # The job is still being stopped: its checkpoint stays, its run ends KILLED, it exits as
+    # for the signal.
+    cfg = compose(OVERRIDES)
+    connect(cfg.tracking)
+    folder = checkpoint_folder(cfg)
+    with (
+        pytest.raises(KeyboardInterrupt, match="received signal"),
+        restartable(cfg, "data") as (plan, _),
+        lab_run("stopped") as run,
+    ):
+        state = {"epoch": 2, "rows": [], "variables": "variables-2.npz", "extra": plan.extra}
+        write_json(folder / "state.json", state)
+        try:
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(30)  # the handler raises here
+        except KeyboardInterrupt as interrupt:
+            raise RuntimeError("a library's error around its callback") from interrupt
+    assert checkpoint.load(folder).epoch == 2
+    assert mlflow.get_run(run.info.run_id).info.status == "KILLED"
 
 
 def test_a_run_stopped_twice_resumes_in_the_same_run_with_the_uninterrupted_numbers(project):

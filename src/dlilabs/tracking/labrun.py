@@ -27,6 +27,7 @@ from dlilabs.core.fitting import history_row, metric_name
 from dlilabs.ground.io import sha256_file
 from dlilabs.tracking.modellog import log_keras_model
 from dlilabs.tracking.reconcile import HEARTBEAT, Heartbeat, now_ms, owner_tags
+from dlilabs.tracking.slurm import received
 from dlilabs.tracking.store import retry_if_locked
 
 log = logging.getLogger("dlilabs.tracking")
@@ -112,8 +113,8 @@ class EpochLogger(keras.callbacks.Callback):
     def on_epoch_begin(self, epoch, logs=None):
         # A stop signal whose KeyboardInterrupt Python swallowed (raised inside a weakref or
         # __del__ callback, "Exception ignored in ...") still stops the job, an epoch later.
-        if _received:
-            raise KeyboardInterrupt(f"received signal {_received[-1]}")
+        if received:
+            raise KeyboardInterrupt(f"received signal {received[-1]}")
         self._epoch_start = time.monotonic()
 
     def on_epoch_end(self, epoch, logs=None):
@@ -150,12 +151,8 @@ class EpochLogger(keras.callbacks.Callback):
                 retry_if_locked(client.log_batch, run.info.run_id, metrics=batch, tags=beat)
 
 
-# Stop signals received during the current run (see EpochLogger.on_epoch_begin).
-_received: list[int] = []
-
-
 def _interrupt(signum, frame):
-    _received.append(signum)
+    received.append(signum)  # see EpochLogger.on_epoch_begin and slurm.stopped_from_outside
     raise KeyboardInterrupt(f"received signal {signum}")
 
 
@@ -193,7 +190,7 @@ def lab_run(
     it lasts, so that `reconcile` can end it later (KILLED at its last heartbeat).
     `tracking_cfg` turns system metrics on (`system_metrics`); every run ends with its
     process's peak memory, `memory/peak_mb`."""
-    _received.clear()
+    received.clear()
     try:
         previous_handler = signal.signal(signal.SIGTERM, _interrupt)
         # SLURM's warning before a preemption or the time limit (--signal=USR2@...): stop as
@@ -219,6 +216,10 @@ def lab_run(
         yield run
     except BaseException as error:  # KILLED: a signal, or submitit's exit to be requeued
         status = "KILLED" if stopped_from_outside(error) else "FAILED"
+        if received and not isinstance(error, KeyboardInterrupt | SystemExit):
+            # The signal's KeyboardInterrupt came back wrapped (a library's error around what
+            # its callback raised): the job stops as for the signal itself.
+            raise KeyboardInterrupt(f"received signal {received[-1]}") from error
         raise
     finally:
         if previous_handler is not None:

@@ -57,12 +57,23 @@ GRACE_S = 15.0  # an ended job's result file may take a moment to appear on a sh
 UNKNOWN_S = 120.0  # a job neither scontrol nor sacct knows is given up after this
 
 
+# Stop signals (SIGTERM, SIGUSR2) received during the current lab run (`labrun.lab_run`
+# records them and clears the list when a run starts).
+received: list[int] = []
+
+
 def stopped_from_outside(error: BaseException) -> bool:
     """Whether `error` stops a training from outside (a signal, Ctrl-C, submitit's exit to be
     requeued, or its "not requeued: timed out" after the last allowed requeue), not a fault of
-    its own: its run is KILLED and its checkpoint kept, for the same command to continue."""
-    return isinstance(error, KeyboardInterrupt | SystemExit) or (
-        type(error).__name__ == "UncompletedJobError" and "submitit" in type(error).__module__
+    its own: its run is KILLED and its checkpoint kept, for the same command to continue.
+
+    Any error counts once a stop signal was received: the signal's KeyboardInterrupt, raised
+    wherever the process was, may reach the caller as another error (a library that wraps
+    what its callback raised), and the job is being stopped all the same."""
+    return (
+        bool(received)
+        or isinstance(error, KeyboardInterrupt | SystemExit)
+        or (type(error).__name__ == "UncompletedJobError" and "submitit" in type(error).__module__)
     )
 
 
