@@ -70,7 +70,8 @@ def stop_after(process: subprocess.Popen, folder, epoch: int, stop: signal.Signa
     return json.loads((folder / "state.json").read_text())["epoch"]
 
 
-def test_a_stop_signal_that_comes_back_as_another_error_keeps_the_checkpoint(project):
+@pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGUSR2, signal.SIGINT])
+def test_a_stop_signal_that_comes_back_as_another_error_keeps_the_checkpoint(project, stop):
     # The signal's KeyboardInterrupt is raised wherever the process is; a library around that
     # place (TensorFlow calling back into Python, say) may turn it into an error of its own.
     # The job is still being stopped: its checkpoint stays, its run ends KILLED, it exits as
@@ -86,7 +87,7 @@ def test_a_stop_signal_that_comes_back_as_another_error_keeps_the_checkpoint(pro
         state = {"epoch": 2, "rows": [], "variables": "variables-2.npz", "extra": plan.extra}
         write_json(folder / "state.json", state)
         try:
-            os.kill(os.getpid(), signal.SIGTERM)
+            os.kill(os.getpid(), stop)
             time.sleep(30)  # the handler raises here
         except KeyboardInterrupt as interrupt:
             raise RuntimeError("a library's error around its callback") from interrupt

@@ -184,8 +184,9 @@ def lab_run(
     tracking_cfg: DictConfig | None = None,
 ) -> Iterator[mlflow.ActiveRun]:
     """Start (or, with `run_id`, resume) an MLflow run that always ends with a true status:
-    FINISHED, FAILED when the body raises, KILLED on Ctrl-C or SIGTERM (turned into
-    KeyboardInterrupt here so `dvc` or a scheduler stopping the job is recorded too).
+    FINISHED, FAILED when the body raises, KILLED on Ctrl-C, SIGTERM or SIGUSR2 (turned into
+    KeyboardInterrupt here so `dvc` or a scheduler stopping the job is recorded too; an
+    error that a library made of that KeyboardInterrupt becomes one again).
     A `kill -9` cannot be caught: the run records its owner process and a heartbeat while
     it lasts, so that `reconcile` can end it later (KILLED at its last heartbeat).
     `tracking_cfg` turns system metrics on (`system_metrics`); every run ends with its
@@ -199,6 +200,10 @@ def lab_run(
         previous_usr2 = signal.getsignal(signal.SIGUSR2)
         if previous_usr2 in (signal.SIG_DFL, None):
             signal.signal(signal.SIGUSR2, _interrupt)
+        # Ctrl-C raises KeyboardInterrupt as before, and is recorded like the others.
+        previous_int = signal.getsignal(signal.SIGINT)
+        if previous_int is signal.default_int_handler:
+            signal.signal(signal.SIGINT, _interrupt)
     except ValueError:  # not the main thread: leave signals alone
         previous_handler = None
     from dlilabs.tracking.slurm import slurm_tags, stopped_from_outside
@@ -233,6 +238,7 @@ def lab_run(
         if previous_handler is not None:
             signal.signal(signal.SIGTERM, previous_handler)
             signal.signal(signal.SIGUSR2, previous_usr2 or signal.SIG_DFL)
+            signal.signal(signal.SIGINT, previous_int or signal.default_int_handler)
 
 
 def data_tags(train_file: Path, val_file: Path, train_rows: int, val_rows: int) -> dict:
