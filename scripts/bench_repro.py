@@ -10,6 +10,9 @@ and sizes (Kaggle's Sign Language MNIST CSVs, 27,455 + 7,172 rows; Keras' mnist.
 10,000 images; accepted as unverified copies), then the real `dvc repro` runs every stage.
 The rows: the wall time, the epochs' share of it (the runs' own `time/epoch_seconds`, summed)
 and the rest (fixed cost: processes, imports, data, logging), and each stage's wall time.
+Then, on the same files, the course notebooks' own code for the four labs, a process each
+(`bench_notebooks.py`; ~15 min more, NOTEBOOKS=0 skips it): the notebooks' total, whole
+processes and epochs, beside the pipeline's.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 SOURCE = Path(os.environ.get("SOURCE", REPO)).resolve()
 MNIST_ROWS = (60_000, 10_000)
+NOTEBOOKS = os.environ.get("NOTEBOOKS", "1") != "0"  # NOTEBOOKS=0: the pipeline's side only
 
 
 def make_downloads(folder: Path) -> None:
@@ -103,6 +107,7 @@ def epoch_seconds(store: Path) -> dict[str, tuple[int, float]]:
 
 def rows() -> list:
     from bench import Measure, Row
+    from bench_notebooks import timed_notebooks
 
     with tempfile.TemporaryDirectory(prefix="dlilabs-bench-repro-") as folder:
         workspace = Path(folder) / "repro"
@@ -110,6 +115,7 @@ def rows() -> list:
         load = os.getloadavg()[0]
         wall, stages = timed_repro(workspace, env)
         epochs = epoch_seconds(workspace)
+        notebooks = timed_notebooks(workspace / "downloads", Path(folder)) if NOTEBOOKS else {}
     trained = sum(total for _, total in epochs.values())
     where = f"{SOURCE}; once, load average {load:.1f} at the start"
     out = [
@@ -124,8 +130,30 @@ def rows() -> list:
             ],
         )
     ]
+    if notebooks:
+        notebook_wall = sum(wall_s for wall_s, _ in notebooks.values())
+        notebook_epochs = sum(epochs_s for _, epochs_s in notebooks.values())
+        out.append(
+            Row(
+                "repro the notebooks' code for the same labs and files, a process per lab",
+                [
+                    Measure("", notebook_wall, "s", digits=0),
+                    Measure("epochs", notebook_epochs, "s", digits=0),
+                    Measure("-> pipeline / notebooks, whole", wall / notebook_wall, "", digits=2),
+                    Measure("epochs", trained / notebook_epochs, "", digits=2),
+                ],
+            )
+        )
     for name, (count, total) in sorted(epochs.items()):
-        out.append(Row(f"repro epochs of {name}", [Measure(f"{count} epochs", total, "s")]))
+        measures = [Measure(f"{count} epochs", total, "s")]
+        if name in notebooks:
+            process, notebook_epochs = notebooks[name]
+            measures += [
+                Measure("notebook's", notebook_epochs, "s"),
+                Measure("ratio", total / notebook_epochs, "", digits=2),
+                Measure("notebook's whole process", process, "s"),
+            ]
+        out.append(Row(f"repro epochs of {name}", measures))
     out.extend(Row(f"repro stage {name}", [Measure("", seconds, "s")]) for name, seconds in stages)
     return out
 
