@@ -2,7 +2,7 @@
 
     python scripts/bench.py               # every section
     python scripts/bench.py preprocess    # one section (preprocess, train, search, overhead,
-                                          # demo; repro, ~12 min, runs only when named)
+                                          # demo; repro, ~35 min, runs only when named)
 
 Each section is a function returning `Row`s; a row prints as
 `label: 1.23 s (target <= 3 s, ratio 0.41) | peak RSS 612 MB (target <= 1024 MB, ratio 0.60)`.
@@ -484,7 +484,7 @@ SECTIONS: dict[str, Callable[[], list[Row]]] = {
     "demo": bench_demo,
     "repro": bench_repro,
 }
-# Run only when named: it trains every lab for its full epochs (~12 min on 2 CPU cores).
+# Run only when named: it trains every lab for its full epochs, twice (~35 min on 2 CPU cores).
 ON_REQUEST = {"repro"}
 
 

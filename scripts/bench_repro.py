@@ -1,6 +1,6 @@
 """`make bench` section `repro`: a whole `dvc repro`, timed end to end once; epochs vs the rest.
 
-    python scripts/bench.py repro                      # ~12 min on a 2-core CPU machine
+    python scripts/bench.py repro                      # ~35 min on a 2-core CPU machine
     SOURCE=<older checkout> python scripts/bench_repro.py   # the same for its conf/, src/
 
 Not in the default `make bench` run (it trains every lab for its full epochs). In a scratch
@@ -11,7 +11,7 @@ and sizes (Kaggle's Sign Language MNIST CSVs, 27,455 + 7,172 rows; Keras' mnist.
 The rows: the wall time, the epochs' share of it (the runs' own `time/epoch_seconds`, summed)
 and the rest (fixed cost: processes, imports, data, logging), and each stage's wall time.
 Then, on the same files, the course notebooks' own code for the four labs, a process each
-(`bench_notebooks.py`; ~15 min more, NOTEBOOKS=0 skips it): the notebooks' total, whole
+(`bench_notebooks.py`; ~20 min more, NOTEBOOKS=0 skips it): the notebooks' total, whole
 processes and epochs, beside the pipeline's.
 """
 
