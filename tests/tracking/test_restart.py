@@ -79,6 +79,7 @@ def test_a_stop_signal_that_comes_back_as_another_error_keeps_the_checkpoint(pro
     cfg = compose(OVERRIDES)
     connect(cfg.tracking)
     folder = checkpoint_folder(cfg)
+    handler = signal.getsignal(stop)
     with (
         pytest.raises(KeyboardInterrupt, match="received signal"),
         restartable(cfg, "data") as (plan, _),
@@ -93,6 +94,7 @@ def test_a_stop_signal_that_comes_back_as_another_error_keeps_the_checkpoint(pro
             raise RuntimeError("a library's error around its callback") from interrupt
     assert checkpoint.load(folder).epoch == 2
     assert mlflow.get_run(run.info.run_id).info.status == "KILLED"
+    assert signal.getsignal(stop) == handler  # the run's handler is gone with it
 
 
 def test_a_run_stopped_twice_resumes_in_the_same_run_with_the_uninterrupted_numbers(project):

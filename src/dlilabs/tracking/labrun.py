@@ -238,7 +238,8 @@ def lab_run(
         if previous_handler is not None:
             signal.signal(signal.SIGTERM, previous_handler)
             signal.signal(signal.SIGUSR2, previous_usr2 or signal.SIG_DFL)
-            signal.signal(signal.SIGINT, previous_int or signal.default_int_handler)
+            if previous_int is signal.default_int_handler:  # only what this run changed
+                signal.signal(signal.SIGINT, previous_int)
 
 
 def data_tags(train_file: Path, val_file: Path, train_rows: int, val_rows: int) -> dict:

@@ -57,8 +57,8 @@ GRACE_S = 15.0  # an ended job's result file may take a moment to appear on a sh
 UNKNOWN_S = 120.0  # a job neither scontrol nor sacct knows is given up after this
 
 
-# Stop signals (SIGTERM, SIGUSR2) received during the current lab run (`labrun.lab_run`
-# records them and clears the list when a run starts).
+# Stop signals (SIGTERM, SIGUSR2, SIGINT) received during the current lab run
+# (`labrun.lab_run` records them and clears the list when a run starts).
 received: list[int] = []
 
 
