@@ -27,7 +27,7 @@ from dlilabs.core.fitting import history_row, metric_name
 from dlilabs.ground.io import sha256_file
 from dlilabs.tracking.modellog import log_keras_model
 from dlilabs.tracking.reconcile import HEARTBEAT, Heartbeat, now_ms, owner_tags
-from dlilabs.tracking.slurm import received
+from dlilabs.tracking.slurm import received, slurm_tags, stopped_from_outside
 from dlilabs.tracking.store import retry_if_locked
 
 log = logging.getLogger("dlilabs.tracking")
@@ -156,6 +156,32 @@ def _interrupt(signum, frame):
     raise KeyboardInterrupt(f"received signal {signum}")
 
 
+def _take_stop_signals() -> dict[int, object]:
+    """Make the stop signals raise KeyboardInterrupt through `_interrupt`; returns {signal:
+    the handler it replaced}, to put back ({} outside the main thread: signals left alone).
+
+    SIGTERM always. SLURM's warning before a preemption or the time limit
+    (--signal=USR2@...) where nothing else handles it: under submitit its own handler stays,
+    which requeues the job, which then continues the run. Ctrl-C where Python's own handler
+    is in place (a shell's background job starts with it ignored): it raises as before, and
+    is recorded like the others."""
+    wanted = {
+        signal.SIGTERM: lambda handler: True,
+        signal.SIGUSR2: lambda handler: handler in (signal.SIG_DFL, None),
+        signal.SIGINT: lambda handler: handler is signal.default_int_handler,
+    }
+    replaced = {}
+    try:
+        for signum, replaceable in wanted.items():
+            handler = signal.getsignal(signum)
+            if replaceable(handler):
+                signal.signal(signum, _interrupt)
+                replaced[signum] = signal.SIG_DFL if handler is None else handler
+    except ValueError:  # not the main thread
+        return {}
+    return replaced
+
+
 def peak_memory_mb() -> float:
     """This process's peak resident memory so far, in MiB (getrusage: KiB on Linux)."""
     import resource
@@ -192,22 +218,7 @@ def lab_run(
     `tracking_cfg` turns system metrics on (`system_metrics`); every run ends with its
     process's peak memory, `memory/peak_mb`."""
     received.clear()
-    try:
-        previous_handler = signal.signal(signal.SIGTERM, _interrupt)
-        # SLURM's warning before a preemption or the time limit (--signal=USR2@...): stop as
-        # for SIGTERM; the epoch checkpoint lets the same command continue. Under submitit
-        # its own handler stays: it requeues the job, which then continues the run.
-        previous_usr2 = signal.getsignal(signal.SIGUSR2)
-        if previous_usr2 in (signal.SIG_DFL, None):
-            signal.signal(signal.SIGUSR2, _interrupt)
-        # Ctrl-C raises KeyboardInterrupt as before, and is recorded like the others.
-        previous_int = signal.getsignal(signal.SIGINT)
-        if previous_int is signal.default_int_handler:
-            signal.signal(signal.SIGINT, _interrupt)
-    except ValueError:  # not the main thread: leave signals alone
-        previous_handler = None
-    from dlilabs.tracking.slurm import slurm_tags, stopped_from_outside
-
+    replaced = _take_stop_signals()
     tags = {**(tags or {}), **owner_tags(), **slurm_tags()}  # a resumed run changes owner
     run = mlflow.start_run(
         run_id=run_id,
@@ -227,7 +238,7 @@ def lab_run(
             raise KeyboardInterrupt(f"received signal {received[-1]}") from error
         raise
     finally:
-        if previous_handler is not None:
+        if replaced:
             # A second stop signal (SLURM sends SIGTERM after its preemption warning) must not
             # cut this short: a run left open would be ended FINISHED by MLflow at exit.
             signal.signal(signal.SIGTERM, signal.SIG_IGN)
@@ -235,11 +246,8 @@ def lab_run(
         with contextlib.suppress(Exception):  # the store may be what failed: keep the cause
             mlflow.log_metric("memory/peak_mb", peak_memory_mb())
         mlflow.end_run(status)
-        if previous_handler is not None:
-            signal.signal(signal.SIGTERM, previous_handler)
-            signal.signal(signal.SIGUSR2, previous_usr2 or signal.SIG_DFL)
-            if previous_int is signal.default_int_handler:  # only what this run changed
-                signal.signal(signal.SIGINT, previous_int)
+        for signum, handler in replaced.items():
+            signal.signal(signum, handler)
 
 
 def data_tags(train_file: Path, val_file: Path, train_rows: int, val_rows: int) -> dict:
