@@ -75,7 +75,9 @@ model.compile(loss="categorical_crossentropy", metrics=["accuracy"])
 
 
 class EpochTimer(keras.callbacks.Callback):
-    seconds = []
+    def __init__(self):
+        super().__init__()
+        self.seconds = []
 
     def on_epoch_begin(self, epoch, logs=None):
         self.start = time.perf_counter()
@@ -84,6 +86,7 @@ class EpochTimer(keras.callbacks.Callback):
         self.seconds.append(time.perf_counter() - self.start)
 
 
+timer = EpochTimer()
 if kind == "cnn_aug":
     from keras.src.legacy.preprocessing.image import ImageDataGenerator
 
@@ -92,12 +95,12 @@ if kind == "cnn_aug":
     datagen.fit(x_train)
     model.fit(datagen.flow(x_train, y_train, batch_size=32), epochs=epochs,
               steps_per_epoch=-(-len(x_train) // 32), validation_data=(x_valid, y_valid),
-              callbacks=[EpochTimer()], verbose=2)
+              callbacks=[timer], verbose=2)
     model.save(Path(out).with_suffix(".keras"))
 else:
     model.fit(x_train, y_train, epochs=epochs, validation_data=(x_valid, y_valid),
-              callbacks=[EpochTimer()], verbose=2)
-Path(out).write_text(json.dumps(EpochTimer.seconds))
+              callbacks=[timer], verbose=2)
+Path(out).write_text(json.dumps(timer.seconds))
 """
 
 
