@@ -17,8 +17,10 @@ from dlilabs.ground.io import (
     UnwritableFile,
     atomic_path,
     current_umask,
+    once_per_file_state,
     read_json,
     read_npz,
+    sha256_file,
     write_json,
 )
 from mounts import tmpfs
@@ -142,3 +144,28 @@ def test_a_read_only_folder_is_one_line(tmp_path):
         message = str(caught.value)
         assert f"cannot write {folder}/eval/metrics.json: Read-only file system" in message
         assert "read-only file system" in message and list(folder.iterdir()) == []
+
+
+def test_a_file_is_hashed_once_per_state_and_again_once_it_changes(tmp_path):
+    hashed = []
+
+    def digest(path):
+        hashed.append(Path(path).name)
+        return sha256_file(path)
+
+    remembered = once_per_file_state(digest)
+    split = tmp_path / "train.npz"
+    split.write_bytes(b"a" * 100)
+    first = remembered(split)
+    assert remembered(split) == first and remembered(str(split)) == first
+    assert hashed == ["train.npz"]  # a sweep's jobs: the same file, hashed once
+
+    split.write_bytes(b"b" * 100)  # written again in place: same size, new content
+    state = split.stat()
+    os.utime(split, ns=(state.st_atime_ns, state.st_mtime_ns + 1_000_000))
+    assert remembered(split) == sha256_file(split) != first
+    replaced = tmp_path / "new.npz"
+    replaced.write_bytes(b"c" * 100)
+    replaced.replace(split)  # written to a sibling, then renamed (how the stages write)
+    assert remembered(split) == sha256_file(split)
+    assert hashed == ["train.npz"] * 3

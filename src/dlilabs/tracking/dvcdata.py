@@ -21,6 +21,8 @@ import numpy as np
 import yaml
 from omegaconf import DictConfig
 
+from dlilabs.ground.io import once_per_file_state
+
 DIGEST_CHARS = 32  # MLflow keeps at most 36 characters of a dataset digest
 
 
@@ -43,6 +45,11 @@ def dvc_md5(path: str | os.PathLike, chunk_size: int = 1 << 20) -> str:
         while chunk := stream.read(chunk_size):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+# What split_record computes for each of a sweep's jobs, once per file state in a process.
+_split_sha256 = once_per_file_state(arrays_sha256)
+_split_md5 = once_per_file_state(dvc_md5)
 
 
 def locked_outputs(root: Path) -> dict[str, tuple[str, str]]:
@@ -90,14 +97,14 @@ def split_record(cfg: DictConfig, split: str) -> SplitRecord:
     root = Path(cfg.paths.root)
     file = Path(cfg.paths.prepared_dir) / f"{split}.npz"
     locked = locked_outputs(root)
-    md5 = dvc_md5(file)
+    md5 = _split_md5(file)
     stage, locked_md5 = locked.get(relative(file, root), (None, None))
     state = "unlocked" if locked_md5 is None else "locked" if locked_md5 == md5 else "modified"
     raw_dir = Path(cfg.paths.raw_dir)
     raw_stage = locked.get(relative(raw_dir, root))
     return SplitRecord(
         path=relative(file, root),
-        sha256=arrays_sha256(file),
+        sha256=_split_sha256(file),
         md5=md5,
         dvc_lock=state,
         stage=stage,

@@ -24,7 +24,7 @@ from mlflow.entities import Metric, RunTag
 from omegaconf import DictConfig, OmegaConf
 
 from dlilabs.core.fitting import history_row, metric_name
-from dlilabs.ground.io import sha256_file
+from dlilabs.ground.io import once_per_file_state, sha256_file
 from dlilabs.tracking.modellog import log_keras_model
 from dlilabs.tracking.reconcile import HEARTBEAT, Heartbeat, now_ms, owner_tags
 from dlilabs.tracking.slurm import received, slurm_tags, stopped_from_outside
@@ -250,11 +250,15 @@ def lab_run(
             signal.signal(signum, handler)
 
 
+# The prepared splits' sha256, each file hashed once per process (a sweep's jobs share them).
+split_sha256 = once_per_file_state(sha256_file)
+
+
 def data_tags(train_file: Path, val_file: Path, train_rows: int, val_rows: int) -> dict:
     """Tags that pin the exact data: sha256 and row counts of the prepared splits."""
     return {
-        "data.train.sha256": sha256_file(train_file),
-        "data.val.sha256": sha256_file(val_file),
+        "data.train.sha256": split_sha256(train_file),
+        "data.val.sha256": split_sha256(val_file),
         "data.train.rows": str(train_rows),
         "data.val.rows": str(val_rows),
     }
