@@ -11,6 +11,9 @@ each alike, whole processes are timed (wall and CPU: what a user waits for):
     train     `python -m dlilabs.train experiment=mnist_mlp dataset=mnist_demo trainer.epochs=1`
     plain     the same work as a plain script: import keras, load the npz, build the MLP,
               fit 1 epoch (float32 x / 255, to_categorical, validation data), model.save
+    plain, no teardown
+              the same script ending with os._exit, as the stages end (run_command): what
+              the train ratio would be against a script that also skips Python's teardown
     evaluate  `python -m dlilabs.evaluate experiment=mnist_mlp dataset=mnist_demo`
     keras     `python -c 'import keras'`
 
@@ -19,7 +22,8 @@ evaluate - keras (target <= 2 s). Then two 6-child sweeps of 1-epoch jobs, once 
 basic launcher (in-process) and `hydra/launcher=parallel` (joblib, 2 workers), each in a
 store of its own whose tables exist already (their one-time creation is nobody's). A child's
 overhead is its share of the sweep's wall time beyond its epoch (the runs' own
-`time/epoch_seconds`) and beyond the workers' start-up (one `import keras` per worker):
+`time/epoch_seconds`) and beyond the workers' start-up (one `import keras` per worker, timed
+as a process that ends as the sweep does, without Python's teardown):
     basic     (wall - keras) / 6 - epoch                          (target <= 1 s)
     parallel  (wall - 2 x keras) * workers / 6 - epoch            (target <= 2 s)
 (the parallel sweep's main process starts first, then its workers, side by side).
@@ -68,6 +72,7 @@ model.save(out)
 """
 
 
+NO_TEARDOWN = "import os; sys.stdout.flush(); os._exit(0)\n"
 CREATE_STORE = (
     "import mlflow, sys; mlflow.MlflowClient(f'sqlite:///{sys.argv[1]}').search_experiments()"
 )
@@ -102,8 +107,11 @@ def jobs(root: Path) -> dict[str, list[str]]:
     found = {
         "train": ["-m", "dlilabs.train", *LAB, "trainer.epochs=1"],
         "plain": ["-c", PLAIN, str(prepared), str(root / "plain.keras")],
+        # The same script ending as the stages do (ground.startup.run_command): no teardown.
+        "plain, no teardown": ["-c", PLAIN + NO_TEARDOWN, str(prepared), str(root / "fast.keras")],
         "evaluate": ["-m", "dlilabs.evaluate", *LAB],
         "keras": ["-c", "import keras"],
+        "keras, no teardown": ["-c", "import keras, os; os._exit(0)"],  # a sweep's start
     }
     if BEFORE:  # the same stages from the older checkout, first on the import path
         first = f"import sys; sys.path.insert(0, {BEFORE!r}); import runpy; "
@@ -179,6 +187,13 @@ def rows() -> list:
                 Measure("vs", wall["plain"], "s"),
                 Measure("-> ratio", wall["train"] / wall["plain"], "", TRAIN_RATIO, where, 2),
                 Measure("CPU ratio", cpu["train"] / cpu["plain"], "", digits=2),
+                Measure(
+                    "| vs the script ending as the stages do (no teardown)",
+                    wall["train"] / wall["plain, no teardown"],
+                    "",
+                    digits=2,
+                    note=f"{wall['plain, no teardown']:.2f} s",
+                ),
             ],
             separator=" ",
         ),
@@ -231,11 +246,12 @@ def rows() -> list:
         if found is None:
             continue
         # The parallel sweep's main process imports Keras, then its workers do, side by side.
-        started = found["wall"] - starts * wall["keras"]
+        # The sweep ends without Python's teardown (run_command): so does its keras import.
+        started = found["wall"] - starts * wall["keras, no teardown"]
         child = started * workers / SWEEP_CHILDREN - found["epoch"]
         note = (
             f"sweep {found['wall']:.1f} s, child epoch {found['epoch']:.2f} s, "
-            f"{starts} x import keras {wall['keras']:.1f} s before the children; "
+            f"{starts} x import keras {wall['keras, no teardown']:.1f} s before the children; "
             f"once, load average {found['load']:.1f}"
         )
         out.append(

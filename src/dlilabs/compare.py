@@ -150,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    from dlilabs.ground.startup import quiet_tensorflow_startup
+    from dlilabs.ground.startup import quiet_tensorflow_startup, run_command
 
     quiet_tensorflow_startup()  # the command's process only, not on import (tests call main)
-    sys.exit(main())
+    run_command(main)

@@ -307,4 +307,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from dlilabs.ground.startup import run_command
+
+    run_command(main)

@@ -223,4 +223,6 @@ def run(cfg: DictConfig) -> dict[str, str]:
 main = stage_main(run)
 
 if __name__ == "__main__":
-    main()
+    from dlilabs.ground.startup import run_command
+
+    run_command(main)

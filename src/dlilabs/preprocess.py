@@ -145,4 +145,6 @@ def run(cfg: DictConfig, engine: str | None = None) -> dict:
 main = stage_main(run)
 
 if __name__ == "__main__":
-    main()
+    from dlilabs.ground.startup import run_command
+
+    run_command(main)

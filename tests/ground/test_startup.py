@@ -150,3 +150,67 @@ def test_keras_loads_without_scikit_learn_which_still_imports_after():
         "(1, 2)",
         "[[1, 0], [1, 0]]",
     ]
+
+
+COMMAND = """
+import atexit, sys, threading, time
+from pathlib import Path
+from dlilabs.ground.startup import run_command
+
+folder, outcome = Path(sys.argv[1]), sys.argv[2]
+
+
+class Teardown:
+    def __del__(self):
+        sys.stderr.write("torn down\\n")
+
+
+kept_until_teardown = Teardown()
+
+
+def late_thread():
+    time.sleep(0.3)
+    (folder / "thread.txt").write_text("joined")
+
+
+def main():
+    atexit.register(lambda: (folder / "atexit.txt").write_text("ran"))
+    threading.Thread(target=late_thread).start()
+    sys.stdout.write("said without a newline")  # block-buffered: stdout is a pipe
+    if outcome == "error":
+        raise ValueError("a bug")
+    if outcome == "message":
+        sys.exit("error: the user's mistake")
+    return {"zero": None, "three": 3, "exit2": 2}[outcome]
+"""
+
+
+@pytest.mark.parametrize(
+    ("outcome", "status"), [("zero", 0), ("three", 3), ("exit2", 2), ("message", 1)]
+)
+def test_a_command_ends_with_its_status_and_its_clean_up_done_without_the_teardown(
+    tmp_path, outcome, status
+):
+    script = COMMAND + "\nrun_command(main if outcome != 'exit2' else lambda: sys.exit(main()))\n"
+    result = subprocess.run(
+        [sys.executable, "-c", script, str(tmp_path), outcome],
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert result.returncode == status, result.stderr
+    assert result.stdout == "said without a newline"
+    assert (tmp_path / "atexit.txt").read_text() == "ran"
+    assert (tmp_path / "thread.txt").read_text() == "joined"  # other threads finish first
+    assert ("error: the user's mistake" in result.stderr) == (outcome == "message")
+    # What made every stage's user wait: the interpreter freeing its modules one by one.
+    assert "torn down" not in result.stderr
+
+
+def test_a_command_that_fails_with_a_bug_exits_as_python_does(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-c", COMMAND + "\nrun_command(main)\n", str(tmp_path), "error"],
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert result.returncode == 1
+    assert "ValueError: a bug" in result.stderr and "Traceback" in result.stderr
+    assert (tmp_path / "atexit.txt").read_text() == "ran"
+    assert result.stdout == "said without a newline"

@@ -126,6 +126,10 @@ def aside(work: Callable[[Callable[[], object]], None]) -> Iterator[Callable[[ob
             status = 0
         finally:
             with contextlib.suppress(Exception):
+                from dlilabs.tracking.store import close_connections
+
+                close_connections()  # the store's write-ahead log folded in (os._exit skips it)
+            with contextlib.suppress(Exception):
                 sys.stdout.flush()
                 sys.stderr.flush()
             os._exit(status)  # no atexit handlers, no Hydra clean-up: those are the stage's
