@@ -216,14 +216,14 @@ def exit_status(code: object) -> int:
 
 
 def run_command(main: Callable[[], object]) -> None:
-    """A command's `__main__` (never returns): run `main()` (its return value or SystemExit is the exit code,
-    as with `sys.exit(main())`), then end the process as Python's own exit would (other
-    threads joined, atexit handlers run: logging and MLflow flush and close there, open
-    streams flushed), but without tearing the interpreter down module by module. That last
-    step freed TensorFlow's, Keras' and MLflow's objects one by one for 1.4 s after a plain
-    Keras script and 2.2 s after a train stage (measured from the last atexit handler to the
-    process's end): time every DVC stage made its user wait for nothing. An error that is
-    not a SystemExit goes through Python's usual exit (its traceback, status 1)."""
+    """A command's `__main__`; never returns. Run `main()` (its return value or SystemExit is
+    the exit status, as with `sys.exit(main())`), then end the process as Python's own exit
+    would (other threads joined, atexit handlers run: logging, MLflow and the store's
+    connections close there; streams flushed), but without tearing the interpreter down
+    module by module. That last step freed TensorFlow's, Keras' and MLflow's objects one by
+    one: 1.4 s after a plain Keras script, 2.2 s after a train stage (from the last atexit
+    handler to the process's end), which every DVC stage made its user wait for nothing.
+    An error that is not a SystemExit goes through Python's usual exit (traceback, status 1)."""
     try:
         status = exit_status(main())
     except SystemExit as stop:
