@@ -100,6 +100,10 @@ def test_logged_model_is_registered_and_predicts_probabilities(project, tiny_mni
     requirements = Path(mlflow.pyfunc.get_model_dependencies(summary["model_uri"])).read_text()
     pinned = {line.split("==")[0] for line in requirements.split() if "==" in line}
     assert {"mlflow", "tensorflow", "keras"} <= pinned
+    # The model is serialized once: the logged model holds the very file DVC tracks.
+    logged = Path(mlflow.artifacts.download_artifacts(summary["model_uri"], dst_path=project / "x"))
+    output = project / "models" / "mnist_mlp" / "model.keras"
+    assert (logged / "artifacts" / "model.keras").read_bytes() == output.read_bytes()
 
 
 def test_saved_model_holds_the_best_epoch_weights(project, tiny_mnist):

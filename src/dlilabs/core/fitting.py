@@ -11,6 +11,7 @@ is `gap_accuracy` = train - val and `gap_loss` = val - train: positive means ove
 from __future__ import annotations
 
 import logging
+import shutil
 import sys
 from pathlib import Path
 
@@ -260,10 +261,11 @@ def summary_metrics(rows: list[dict[str, float]], best_epoch: int) -> dict[str, 
     return summary
 
 
-def save_outputs(model_dir: Path, model: keras.Model, rows: list[dict], run_info: dict) -> None:
-    """Write model.keras, history.csv, then run.json (last: its presence means complete)."""
+def save_outputs(model_dir: Path, model_file: Path, rows: list[dict], run_info: dict) -> None:
+    """Move `model_file` (the model saved once, e.g. for MLflow too) to `model_dir`/model.keras,
+    write history.csv, then run.json (last: its presence means the outputs are complete)."""
     with atomic_path(model_dir / "model.keras") as temporary:
-        model.save(temporary)
+        shutil.move(model_file, temporary)  # a rename, or a copy across filesystems
     with atomic_path(model_dir / "history.csv") as temporary:
         pd.DataFrame(rows).to_csv(temporary, index=False)
     write_json(model_dir / "run.json", run_info)

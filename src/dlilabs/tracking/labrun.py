@@ -13,6 +13,7 @@ import logging
 import os
 import signal
 import subprocess
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -295,27 +296,33 @@ def finish_run(
 
     registered = cfg.tracking.model_name if cfg.tracking.register_models else None
     classes = cfg.dataset.get("class_names")  # image labs: served with their class names
-    with whole_model_or_none():  # a full disk leaves no half-copied model in the store
-        model_info = log_keras_model(model, sample, registered, classes and list(map(str, classes)))
-    if classes:  # the model card says which input this version takes
-        from dlilabs.tracking.serving import INPUT_DESCRIPTION, INPUT_TAG
+    with tempfile.TemporaryDirectory(prefix="dlilabs-model-") as folder:
+        # Serialized once: the logged model holds a copy of the very file models/ gets.
+        saved = Path(folder) / "model.keras"
+        model.save(saved)
+        with whole_model_or_none():  # a full disk leaves no half-copied model in the store
+            model_info = log_keras_model(
+                model, sample, registered, classes and list(map(str, classes)), saved=saved
+            )
+        if classes:  # the model card says which input this version takes
+            from dlilabs.tracking.serving import INPUT_DESCRIPTION, INPUT_TAG
 
-        mlflow.set_tag(INPUT_TAG, INPUT_DESCRIPTION)
-    version = getattr(model_info, "registered_model_version", None)
-    if version:  # every registered version gets its model card
-        write_card(mlflow.MlflowClient(), cfg, run.info.run_id, registered, version)
-    run_info = {
-        "lab": cfg.lab,
-        "run_id": run.info.run_id,
-        "experiment_id": experiment_id,
-        "model_uri": model_info.model_uri,
-        "registered_model": registered,
-        "registered_version": version,
-        "epochs": len(rows),
-        **extra,
-        **metrics,
-    }
-    model_dir = job_output_dir(cfg.paths.model_dir)
-    save_outputs(model_dir, model, rows, run_info)
+            mlflow.set_tag(INPUT_TAG, INPUT_DESCRIPTION)
+        version = getattr(model_info, "registered_model_version", None)
+        if version:  # every registered version gets its model card
+            write_card(mlflow.MlflowClient(), cfg, run.info.run_id, registered, version)
+        run_info = {
+            "lab": cfg.lab,
+            "run_id": run.info.run_id,
+            "experiment_id": experiment_id,
+            "model_uri": model_info.model_uri,
+            "registered_model": registered,
+            "registered_version": version,
+            "epochs": len(rows),
+            **extra,
+            **metrics,
+        }
+        model_dir = job_output_dir(cfg.paths.model_dir)
+        save_outputs(model_dir, saved, rows, run_info)
     mlflow.log_artifact(str(model_dir / "history.csv"))
     return run_info, model_dir

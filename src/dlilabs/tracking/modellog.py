@@ -13,6 +13,7 @@ import logging
 import os
 import types
 from collections.abc import Iterator
+from pathlib import Path
 
 import keras
 import mlflow
@@ -78,9 +79,12 @@ def log_keras_model(
     sample_inputs: np.ndarray,
     registered_name: str | None,
     class_names: list[str] | None = None,
+    saved: Path | None = None,
 ):
     """Log `model` with `sample_inputs` (e.g. float32 (5, 28, 28) raw pixels) as its input
     example, and register it under `registered_name` if given. Returns MLflow's ModelInfo.
+    `saved`: the model already written as a .keras file (a classifier's logged model holds a
+    copy of it, not a second serialization).
 
     Classifiers (`class_names` given) go as dlilabs.tracking.serving's PixelClassifier: raw
     pixels, CSV rows or images in, class names out. Others (the line fit) with MLflow's Keras
@@ -112,6 +116,7 @@ def log_keras_model(
                     class_names,
                     registered_name,
                     input_example=sample_inputs,
+                    saved=saved,
                     # The wrapper's code is dlilabs': serve from its environment
                     # (`mlflow models serve --env-manager local`, README "Serving").
                     pip_requirements=requirements,

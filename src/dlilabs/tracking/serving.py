@@ -164,10 +164,13 @@ def check_example(model, class_names: list[str], example: np.ndarray) -> pd.Data
     return frame
 
 
-def log_pixel_model(model, class_names: list[str], registered_name: str | None, **kwargs):
+def log_pixel_model(
+    model, class_names: list[str], registered_name: str | None, saved=None, **kwargs
+):
     """Log `model` (raw-pixel Keras classifier) as a PixelClassifier named "model" on the
-    active run, register it as `registered_name` if given; `kwargs` go to Model.log
-    (pip_requirements, input_example). Returns MLflow's ModelInfo.
+    active run, register it as `registered_name` if given; `saved`: `model` already written
+    to a .keras file (else it is saved here); `kwargs` go to Model.log (pip_requirements,
+    input_example). Returns MLflow's ModelInfo.
 
     The input example goes through the wrapper's predict on this very model first
     (`check_example`); MLflow's own check, which loads the logged copy back (a Keras model
@@ -182,7 +185,10 @@ def log_pixel_model(model, class_names: list[str], registered_name: str | None, 
     try:
         with tempfile.TemporaryDirectory() as folder:
             path = Path(folder) / "model.keras"
-            model.save(path)
+            if saved is None:
+                model.save(path)
+            else:  # MLflow copies the file in, as artifacts/<its name>: model.keras
+                path = Path(saved)
             python_model = PixelClassifier(class_names)
             return Model.log(
                 artifact_path=None,
