@@ -22,11 +22,13 @@ evaluate - keras (target <= 2 s). Then two 6-child sweeps of 1-epoch jobs, once 
 basic launcher (in-process) and `hydra/launcher=parallel` (joblib, 2 workers), each in a
 store of its own whose tables exist already (their one-time creation is nobody's). A child's
 overhead is its share of the sweep's wall time beyond its epoch (the runs' own
-`time/epoch_seconds`) and beyond the workers' start-up (one `import keras` per worker, timed
-as a process that ends as the sweep does, without Python's teardown):
-    basic     (wall - keras) / 6 - epoch                          (target <= 1 s)
-    parallel  (wall - 2 x keras) * workers / 6 - epoch            (target <= 2 s)
-(the parallel sweep's main process starts first, then its workers, side by side).
+`time/epoch_seconds`) and beyond the processes' start-up (one `import keras` each):
+    basic     (wall - keras') / 6 - epoch                         (target <= 1 s)
+    parallel  (wall - keras' - keras) * workers / 6 - epoch       (target <= 2 s)
+where keras' is `import keras` in a process that ends as the sweep's command does, without
+Python's teardown (run_command), and keras a whole `python -c 'import keras'`, as the
+parallel sweep's workers (joblib's processes) start and end, side by side, after the main
+process has imported Keras.
 Every row names the load average: on a busy machine the absolute figures grow, the ratios
 less so.
 """
@@ -239,19 +241,24 @@ def rows() -> list:
                 ],
             )
         )
-    for name, found, starts, workers, target in (
-        ("basic launcher", basic, 1, 1, BASIC_CHILD),
-        ("hydra/launcher=parallel", parallel, 2, WORKERS, PARALLEL_CHILD),
+    # What comes before the children: the main process's keras import, which ends without
+    # Python's teardown as the sweep's command does (run_command); with the parallel launcher
+    # also its workers' imports, side by side, whose processes (joblib's) end with theirs.
+    before_children = {
+        "basic launcher": wall["keras, no teardown"],
+        "hydra/launcher=parallel": wall["keras, no teardown"] + wall["keras"],
+    }
+    for name, found, workers, target in (
+        ("basic launcher", basic, 1, BASIC_CHILD),
+        ("hydra/launcher=parallel", parallel, WORKERS, PARALLEL_CHILD),
     ):
         if found is None:
             continue
-        # The parallel sweep's main process imports Keras, then its workers do, side by side.
-        # The sweep ends without Python's teardown (run_command): so does its keras import.
-        started = found["wall"] - starts * wall["keras, no teardown"]
+        started = found["wall"] - before_children[name]
         child = started * workers / SWEEP_CHILDREN - found["epoch"]
         note = (
             f"sweep {found['wall']:.1f} s, child epoch {found['epoch']:.2f} s, "
-            f"{starts} x import keras {wall['keras, no teardown']:.1f} s before the children; "
+            f"{before_children[name]:.1f} s of keras imports before the children; "
             f"once, load average {found['load']:.1f}"
         )
         out.append(
