@@ -29,7 +29,9 @@ which never logs (download, preprocess) does not pay for importing MLflow and Ke
 
 from __future__ import annotations
 
+import atexit
 import importlib
+import sys
 
 _EXPORTS = {
     "connect": "store",
@@ -74,6 +76,26 @@ _EXPORTS = {
     "bucket_problem": "buckets",
 }
 __all__ = sorted(_EXPORTS)
+
+
+# The MLflow modules whose store classes pool database connections (store.close_connections).
+STORE_MODULES = (
+    "mlflow.store.tracking.sqlalchemy_store",
+    "mlflow.store.model_registry.sqlalchemy_store",
+)
+
+
+def _close_store_connections() -> None:
+    """At exit, if this process opened an MLflow SQL store: `store.close_connections` (the
+    commands end without Python's teardown, which used to close them). Registered here, on
+    the package every MLflow user in dlilabs imports (the import-linter contracts)."""
+    if any(name in sys.modules for name in STORE_MODULES):
+        from dlilabs.tracking.store import close_connections
+
+        close_connections()
+
+
+atexit.register(_close_store_connections)
 
 
 def __getattr__(name: str):

@@ -9,7 +9,6 @@ MLflow into one clear line.
 
 from __future__ import annotations
 
-import atexit
 import contextlib
 import functools
 import logging
@@ -53,25 +52,21 @@ HTTP_SETTINGS = {
 
 
 def close_connections() -> None:
-    """Close the database connections MLflow's stores keep pooled in this process (run at exit:
-    registered below). A process that ends without Python's teardown (the commands, through
-    `ground.startup.run_command`; evaluate's forked side) would otherwise leave a SQLite
+    """Close the database connections MLflow's stores keep pooled in this process (at exit:
+    dlilabs.tracking registers it). A process that ends without Python's teardown (commands,
+    through `ground.startup.run_command`; evaluate's forked side) would otherwise leave a SQLite
     store's write-ahead log beside it (`mlflow.db-wal`): nothing is lost, but a copy of
     `mlflow.db` alone would miss the newest runs. The last connection's close folds the log
     into the file, as it did at the end of every process before. A no-op without MLflow."""
-    for name in (
-        "mlflow.store.tracking.sqlalchemy_store",
-        "mlflow.store.model_registry.sqlalchemy_store",
-    ):
+    from dlilabs.tracking import STORE_MODULES
+
+    for name in STORE_MODULES:
         store_class = getattr(sys.modules.get(name), "SqlAlchemyStore", None)
         # MLflow caches one engine per database URI on the class (private: tests/tracking/
         # test_store.py checks that no -wal file outlives a stage).
         for engine in list(getattr(store_class, "_engine_map", {}).values()):
             with contextlib.suppress(Exception):
                 engine.dispose()
-
-
-atexit.register(close_connections)
 
 
 def connect(tracking_cfg: DictConfig) -> str:
