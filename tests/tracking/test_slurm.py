@@ -5,6 +5,7 @@ requeued job continues its own run from its checkpoint, and every run says where
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -170,14 +171,22 @@ def test_cancelled_and_requeued_jobs_never_lose_the_sweep(project):
     # Re-running the sweep trains only the lost combination, continuing its own run; its node
     # goes DOWN meanwhile (NODE_FAIL): SLURM requeues the job, which continues once the node
     # is back.
+    # The first sweep's jobs leave the queue first: a job's process can outlive the result
+    # it handed back (its exit), and the node failure below is meant for the re-run's job.
+    def queue_empty() -> bool:
+        return not subprocess.run(["squeue", "-h"], capture_output=True, text=True).stdout.strip()
+
+    wait_for(queue_empty, timeout=120, what="the first sweep's jobs to leave the queue")
+    # The cancel took a moment to land: the node fails once the re-run has trained past it.
+    stopped_at = checkpoints(project)[cancelled]["epoch"]
     again = sweep(project, *command)
     node = subprocess.check_output(["hostname", "-s"], text=True).strip()
 
     def resumed_a_few_epochs():
         state = checkpoints(project).get(cancelled)
-        return state and state["epoch"] >= 6
+        return state and state["epoch"] >= stopped_at + 2
 
-    wait_for(resumed_a_few_epochs, what="the resumed job's epoch 6")
+    wait_for(resumed_a_few_epochs, what=f"the resumed job's epoch {stopped_at + 2}")
     down = ["scontrol", "update", f"nodename={node}"]
     subprocess.run([*down, "state=down", "reason=dlilabs-test"], check=True)
     time.sleep(3)
@@ -214,13 +223,16 @@ def test_dvc_repro_runs_the_train_stage_as_a_slurm_job_and_evaluate_here(tmp_pat
         stderr=subprocess.STDOUT,
         text=True,
     )
+
     # A second `dvc repro` of the same checkout while the first waits for its SLURM job:
     # DVC's stage lock (.dvc/tmp/rwlock) refuses it in so many words; the first goes on.
-    wait_for(
-        lambda: subprocess.run(["squeue", "-h"], capture_output=True, text=True).stdout.strip(),
-        timeout=600,
-        what="the train stage's SLURM job",
-    )
+    # Its job is the one working in this workspace (%Z): an earlier test's job still leaving
+    # the queue must not start the second one before the first holds the lock.
+    def train_job_queued() -> bool:
+        queued = subprocess.run(["squeue", "-h", "-o", "%Z"], capture_output=True, text=True)
+        return str(workspace.resolve()) in map(os.path.realpath, queued.stdout.split())
+
+    wait_for(train_job_queued, timeout=600, what="the train stage's SLURM job")
     second = subprocess.run(
         [sys.executable, "-m", "dvc", "repro", *stages],
         cwd=workspace,
